@@ -1,0 +1,7 @@
+"""ghappd: a self-hosted GitHub App daemon."""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"
