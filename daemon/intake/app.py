@@ -1,0 +1,270 @@
+"""The quart-trio app: the webhook route and the health checks.
+
+``POST {webhook_path}`` checks a request in this order, and the first
+failed check decides the answer:
+
+1. a ``Content-Length`` over ``max_body_size``: 413, before the body is read
+2. the body, read in chunks: 413 as soon as it passes ``max_body_size``,
+   408 when it takes longer than ``body_timeout``
+3. ``X-Hub-Signature-256`` over the raw body: 401
+4. ``X-GitHub-Event`` and ``X-GitHub-Delivery`` present and well-formed: 400
+5. the content type: 415; the body's UTF-8, JSON and object shape: 400
+
+So nothing is parsed before the signature is verified, and a request with
+a bad signature is answered 401 whatever else is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from daemon import context
+from daemon.delivery import Delivery
+from daemon.errors import GhappdError
+from daemon.intake.payload import (
+    EVENT_HEADER,
+    ID_HEADER,
+    Rejection,
+    decode_payload,
+    hook_id,
+    printable_id,
+    validate_delivery_id,
+    validate_event,
+)
+from daemon.intake.readiness import Readiness
+from daemon.intake.settings import IntakeSettings
+from daemon.intake.signature import (
+    SIGNATURE_HEADER,
+    SignatureStatus,
+    verify_signature,
+)
+from daemon.intake.sink import Admission, DeliverySink
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+_HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_SIGNATURE_ERRORS = {
+    SignatureStatus.MISSING: f"missing {SIGNATURE_HEADER} header",
+    SignatureStatus.MALFORMED: (
+        f"invalid {SIGNATURE_HEADER} header: expected sha256=<64 lowercase hex digits>"
+    ),
+    SignatureStatus.MISMATCH: f"{SIGNATURE_HEADER} does not match the body",
+}
+
+
+def create_app(
+    *,
+    settings: Callable[[], IntakeSettings],
+    sink: DeliverySink,
+    readiness: Readiness,
+) -> QuartTrio:
+    """Build the intake app.
+
+    ``settings`` is called once per request, so a reload takes effect for
+    the next delivery, including a new ``webhook_path``. Each verified
+    delivery except ``ping`` goes to ``sink.admit``. ``GET /healthz``
+    answers 200 while the loop runs; ``GET /readyz`` answers 200 when
+    ``readiness.ready``, else 503 with the unmet flags and their reasons.
+    Every error answer is a JSON object ``{"error": message}``.
+    """
+    app = QuartTrio(__name__)
+    # The webhook route enforces the size cap and the body timeout itself, from
+    # the settings of each request; Quart's own limits would apply to every
+    # route and could not follow a reload.
+    app.config["MAX_CONTENT_LENGTH"] = None
+    app.config["BODY_TIMEOUT"] = None
+
+    async def healthz() -> Response:
+        return _json(200, {"status": "ok"})
+
+    async def readyz() -> Response:
+        if readiness.ready:
+            return _json(200, {"status": "ready"})
+        return _json(503, {"status": "not ready", "unmet": readiness.unmet()})
+
+    async def route(path: str = "") -> Response:
+        current = settings()
+        if request.path != current.webhook_path:
+            if request.path in _HEALTH_PATHS:
+                return _error(405, "method not allowed", {"Allow": "GET, HEAD"})
+            return _error(404, "not found")
+        if request.method != "POST":
+            return _error(405, "method not allowed", {"Allow": "POST"})
+        return await _receive(current, sink)
+
+    app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
+    app.add_url_rule("/readyz", "readyz", readyz, methods=["GET"])
+    for rule in ("/", "/<path:path>"):
+        app.add_url_rule(
+            rule,
+            "route",
+            route,
+            methods=_ALL_METHODS,
+            provide_automatic_options=False,
+        )
+    app.register_error_handler(HTTPException, _http_error)
+    return app
+
+
+async def _receive(settings: IntakeSettings, sink: DeliverySink) -> Response:
+    remote = request.remote_addr or "-"
+    logged_id = printable_id(request.headers.get(ID_HEADER))
+
+    try:
+        body = await _read_body(settings)
+    except Rejection as rejection:
+        log.warning(
+            "delivery %r from %s rejected: %s",
+            logged_id,
+            remote,
+            rejection.message,
+        )
+        # The rest of the body is never read, so the connection cannot be reused.
+        return _error(rejection.status, rejection.message, {"Connection": "close"})
+
+    status = verify_signature(
+        request.headers.get(SIGNATURE_HEADER), body, settings.secrets
+    )
+    if status is not SignatureStatus.VALID:
+        log.warning(
+            "delivery %r from %s rejected: signature %s",
+            logged_id,
+            remote,
+            status.value,
+        )
+        return _error(401, _SIGNATURE_ERRORS[status])
+
+    try:
+        event = validate_event(request.headers.get(EVENT_HEADER))
+        delivery_id = validate_delivery_id(request.headers.get(ID_HEADER))
+        payload = decode_payload(body, request.mimetype, request.mimetype_params)
+    except Rejection as rejection:
+        log.warning(
+            "delivery %r from %s rejected: %s",
+            logged_id,
+            remote,
+            rejection.message,
+        )
+        return _error(rejection.status, rejection.message)
+
+    if event == "ping":
+        hook = hook_id(payload)
+        log.info("ping %s for hook %s answered", delivery_id, hook)
+        return _json(200, {"hook_id": hook})
+
+    delivery = Delivery(
+        id=delivery_id,
+        event=event,
+        payload=payload,
+        body=body,
+        received_at=time.time(),
+        content_type=request.mimetype,
+    )
+    return await _admit(delivery, settings, sink)
+
+
+async def _read_body(settings: IntakeSettings) -> bytes:
+    limit = settings.max_body_size
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise Rejection(413, f"body of {declared} bytes is over the {limit}-byte cap")
+
+    chunks: list[bytes] = []
+    size = 0
+    with trio.move_on_after(settings.body_timeout) as scope:
+        # Quart's Body yields what has arrived since the last iteration, so
+        # at most one network read past the cap is held in memory.
+        async for chunk in request.body:
+            size += len(chunk)
+            if size > limit:
+                raise Rejection(413, f"body is over the {limit}-byte cap")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise Rejection(
+            408, f"body not received within {settings.body_timeout} seconds"
+        )
+    return b"".join(chunks)
+
+
+async def _admit(
+    delivery: Delivery, settings: IntakeSettings, sink: DeliverySink
+) -> Response:
+    with context.bind(
+        delivery_id=delivery.id,
+        event=delivery.event,
+        installation_id=delivery.installation_id,
+        repository=delivery.repository,
+    ):
+        try:
+            admission = await sink.admit(delivery)
+        except GhappdError:
+            log.exception("delivery %s not admitted: the sink failed", delivery.id)
+            return _error(
+                503,
+                "delivery not recorded; retry later",
+                {"Retry-After": str(settings.retry_after)},
+            )
+
+        if admission is Admission.ACCEPTED:
+            log.info(
+                "delivery %s accepted: event %s, action %s, installation %s",
+                delivery.id,
+                delivery.event,
+                delivery.action,
+                delivery.installation_id,
+            )
+            return _json(202, {"status": "accepted", "delivery": delivery.id})
+
+        if admission is Admission.DUPLICATE:
+            log.info("delivery %s is a duplicate; not queued again", delivery.id)
+            return _json(200, {"status": "duplicate", "delivery": delivery.id})
+
+        log.warning(
+            "delivery %s rejected: queue full, asked to retry after %d s",
+            delivery.id,
+            settings.retry_after,
+        )
+        return _error(
+            503,
+            "queue full; retry later",
+            {"Retry-After": str(settings.retry_after)},
+        )
+
+
+async def _http_error(error: HTTPException) -> Response:
+    status = error.code or 500
+    headers = {
+        name: value
+        for name, value in error.get_headers()
+        if name.lower() not in {"content-type", "content-length"}
+    }
+    return _error(status, error.description or error.name, headers)
+
+
+def _error(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    return _json(status, {"error": message}, headers)
+
+
+def _json(
+    status: int, document: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(
+        json.dumps(document),
+        status=status,
+        headers=dict(headers or {}),
+        content_type="application/json",
+    )
