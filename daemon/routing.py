@@ -134,7 +134,9 @@ def route(
                 report=report,
             )
         )
-    return Route(installation_id=installation_id, jobs=tuple(jobs), reasons=tuple(reasons))
+    return Route(
+        installation_id=installation_id, jobs=tuple(jobs), reasons=tuple(reasons)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,8 @@ def _rejection(
     if target is None:
         return "the delivery names no repository"
     if not rule.matches_repository(target.repository):
-        return f"repository {target.repository} matches none of {list(rule.repositories)}"
+        globs = list(rule.repositories)
+        return f"repository {target.repository} matches none of {globs}"
     if is_bot and not rule.allow_bots:
         return "sent by a bot and allow_bots = false"
     if rule.skip_drafts and target.draft:
