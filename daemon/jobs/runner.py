@@ -201,8 +201,8 @@ async def run_command(
     the increment before the command is executed, so every child inherits
     it. ``preexec_fn`` is unsafe in a process with threads, and
     ``setpriority`` after the spawn would miss children started before it.
-    ``argv[0]`` is looked up in
-    ``env["PATH"]`` (or in ``cwd`` when it contains a slash).
+    ``argv[0]`` is looked up in ``env["PATH"]``, or in ``cwd`` when it
+    contains a slash.
 
     After ``timeout`` seconds the group gets SIGTERM, then SIGKILL
     ``kill_grace`` seconds later, and the result has ``timed_out`` set.
