@@ -1,0 +1,15 @@
+"""A local GitHub emulator for ``ghappd sandbox`` and the tests.
+
+No production module imports this package: only the CLI and the tests do.
+"""
+
+from __future__ import annotations
+
+from daemon.sandbox.emulator import (
+    DEFAULT_PERMISSIONS,
+    Emulator,
+    RecordedRequest,
+    generate_app_key,
+)
+
+__all__ = ["DEFAULT_PERMISSIONS", "Emulator", "RecordedRequest", "generate_app_key"]
