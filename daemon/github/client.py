@@ -1,0 +1,806 @@
+"""The REST client: one ``httpx.AsyncClient`` for the whole daemon.
+
+Requests go out as the App (a JWT from :class:`AppAuth`) or as an
+installation (a token from the client's :class:`TokenCache`). Failures are
+handled in one place, :meth:`GitHubClient._send`:
+
+- connection errors, timeouts and 5xx answers are retried with bounded
+  exponential backoff and jitter, then raise :class:`GitHubUnavailable`.
+  A POST is retried only when the caller marks it idempotent, except when
+  the connection failed before the request was sent;
+- 403/429 rate limits (see ``daemon.github.ratelimit``) are waited out, up
+  to ``max_rate_limit_wait`` seconds, else raise :class:`RateLimited`. The
+  wait is kept per installation (and per App for JWT calls), so one
+  limited installation does not hold up the others;
+- a 401 for the JWT's time claims corrects the clock offset from the
+  answer's ``Date`` and retries once;
+- a 401 for an installation token the cache still trusts evicts it, mints
+  a new one and retries once (:meth:`GitHubClient.installation_request`).
+
+Every other error answer raises :class:`GitHubError` with GitHub's message.
+Log records name the method, path, status and attempt, never a credential.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import trio
+
+from daemon import __version__
+from daemon.errors import (
+    GitHubError,
+    GitHubUnavailable,
+    RateLimited,
+)
+from daemon.github.app import AppAuth, AppIdentity, is_time_claim_rejection
+from daemon.github.ratelimit import RateLimit, parse_rate_limit, server_time
+from daemon.github.tokens import Scope, Token, TokenCache, classify_mint_failure
+
+__all__ = [
+    "API_VERSION",
+    "DEFAULT_API_URL",
+    "GitHubClient",
+]
+
+log = logging.getLogger(__name__)
+
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+
+DEFAULT_API_URL = "https://api.github.com"
+# The REST API version this client is written against; GitHub documents it
+# in "API Versions" (docs.github.com/en/rest/about-the-rest-api/api-versions).
+API_VERSION = "2022-11-28"
+
+_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+# Transport errors raised before any byte of the request was sent: safe to
+# retry for every method.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+
+_BackoffKey = tuple[str, int | None]
+
+
+@dataclass(slots=True)
+class _Backoff:
+    until: float = 0.0
+    limit: RateLimit | None = None
+    secondary_hits: int = 0
+
+
+def _bearer(secret: str) -> Callable[[], str]:
+    return lambda: f"Bearer {secret}"
+
+
+def _github_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200].strip() or response.reason_phrase
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return response.reason_phrase
+
+
+def _decode(response: httpx.Response, method: str, path: str) -> Any:
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise GitHubError(
+            f"GitHub answered {method} {path} with {response.status_code} and a "
+            "body that is not JSON; check that api_url points at the REST API "
+            "(GitHub Enterprise Server: https://HOST/api/v3)",
+            status_code=response.status_code,
+            method=method,
+            path=path,
+        ) from None
+
+
+class GitHubClient:
+    """Call GitHub's REST API as the App or as one of its installations.
+
+    ``api_url`` is ``https://api.github.com`` or, for GitHub Enterprise
+    Server, ``https://HOST/api/v3``. ``max_concurrent_requests`` caps the
+    requests in flight (GitHub's secondary limits allow at most 100
+    concurrent requests, per "Rate limits for the REST API").
+    ``max_rate_limit_wait`` (seconds) is the longest rate-limit wait that is
+    sat out; ``max_attempts`` bounds the tries of one request after
+    transient failures, with backoff doubling from ``backoff_initial`` up to
+    ``backoff_max`` seconds. ``timeout`` applies to each request (seconds).
+    The token options are passed to :class:`TokenCache`. ``transport`` is for
+    tests.
+
+    Use it as an async context manager, or call :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_url: str = DEFAULT_API_URL,
+        app: AppAuth,
+        max_concurrent_requests: int = 16,
+        max_rate_limit_wait: float = 5 * MINUTES,
+        max_attempts: int = 5,
+        backoff_initial: float = 1 * SECONDS,
+        backoff_max: float = 30 * SECONDS,
+        timeout: float = 30 * SECONDS,
+        token_safety_margin: float = 1 * MINUTES,
+        token_refresh_ahead: float = 15 * MINUTES,
+        token_idle_timeout: float = 60 * MINUTES,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if max_concurrent_requests < 1:
+            raise ValueError(
+                f"max_concurrent_requests must be >= 1, got {max_concurrent_requests!r}"
+            )
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
+        for name, value in (
+            ("max_rate_limit_wait", max_rate_limit_wait),
+            ("backoff_initial", backoff_initial),
+            ("backoff_max", backoff_max),
+            ("timeout", timeout),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        url = httpx.URL(api_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"api_url must be an http(s) URL, got {api_url!r}")
+
+        self.api_url = api_url.rstrip("/")
+        self.app = app
+        self.max_rate_limit_wait = max_rate_limit_wait
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.timeout = timeout
+        self._limiter = trio.CapacityLimiter(max_concurrent_requests)
+        self._backoff: dict[_BackoffKey, _Backoff] = {}
+        self._random = random.Random()
+        self._http = httpx.AsyncClient(
+            base_url=self.api_url,
+            headers={
+                "Accept": "application/vnd.github+json",
+                "X-GitHub-Api-Version": API_VERSION,
+                "User-Agent": f"ghappd/{__version__}",
+            },
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self.tokens = TokenCache(
+            mint=self.mint_token,
+            safety_margin=token_safety_margin,
+            refresh_ahead=token_refresh_ahead,
+            idle_timeout=token_idle_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"GitHubClient(api_url={self.api_url!r}, app={self.app!r})"
+
+    async def __aenter__(self) -> GitHubClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """The limiter that caps concurrent requests (for ``statistics()``)."""
+        return self._limiter
+
+    # -- public calls ---------------------------------------------------
+
+    async def app_request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object | None = None,
+        params: Mapping[str, str | int] | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """Send a request authenticated as the App; return the parsed JSON.
+
+        ``idempotent`` defaults to True for every method except POST. Return
+        None for an empty body. Raise :class:`GitHubError` for an error
+        answer, :class:`RateLimited` and :class:`GitHubUnavailable` as
+        described in the module docstring.
+        """
+        response = await self._send_as_app(
+            method, path, json=json, params=params, idempotent=idempotent
+        )
+        return _decode(response, method, path)
+
+    async def installation_request(
+        self,
+        installation_id: int,
+        method: str,
+        path: str,
+        *,
+        json: object | None = None,
+        params: Mapping[str, str | int] | None = None,
+        idempotent: bool | None = None,
+        repositories: Sequence[str] | None = None,
+        permissions: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Send a request as the installation; return the parsed JSON.
+
+        The token comes from :attr:`tokens` (scoped by ``repositories`` and
+        ``permissions``). A 401 evicts that token and the request is sent
+        once more with a new one; a second 401 raises :class:`GitHubError`.
+        Otherwise as :meth:`app_request`, plus the token errors of
+        :meth:`TokenCache.get`.
+        """
+        response = await self._send_as_installation(
+            installation_id,
+            method,
+            path,
+            json=json,
+            params=params,
+            idempotent=idempotent,
+            scope=Scope.of(repositories, permissions),
+        )
+        return _decode(response, method, path)
+
+    async def paginate(
+        self,
+        path: str,
+        *,
+        installation_id: int | None = None,
+        params: Mapping[str, str | int] | None = None,
+        items_key: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Yield the items of every page, following ``Link: rel="next"``.
+
+        Works for page and cursor pagination alike, because GitHub puts the
+        next page's full URL in the ``Link`` header ("Using pagination in the
+        REST API", docs.github.com/en/rest/using-the-rest-api/
+        using-pagination-in-the-rest-api).
+        A page is a JSON list, or an object whose ``items_key`` is the list
+        (``"check_runs"`` for check runs). As the App unless
+        ``installation_id`` is given. A next link outside ``api_url`` raises
+        :class:`GitHubError`, so a credential is never sent elsewhere. Wrap
+        the iterator in ``contextlib.aclosing`` when stopping early.
+        """
+        url: str | None = path
+        query = params
+        while url is not None:
+            if installation_id is None:
+                response = await self._send_as_app("GET", url, params=query)
+            else:
+                response = await self._send_as_installation(
+                    installation_id, "GET", url, params=query, scope=Scope()
+                )
+            page = _decode(response, "GET", url)
+            items = (
+                page.get(items_key) if items_key and isinstance(page, dict) else page
+            )
+            if not isinstance(items, list):
+                raise GitHubError(
+                    f"GitHub's page for GET {path} is not a list"
+                    + (f" under {items_key!r}" if items_key else "")
+                    + "; pass items_key for object pages",
+                    status_code=response.status_code,
+                    method="GET",
+                    path=path,
+                )
+            for item in items:
+                yield item
+            next_url = response.links.get("next", {}).get("url")
+            url = self._check_next_link(next_url, path) if next_url else None
+            query = None
+
+    def _check_next_link(self, next_url: str, path: str) -> str:
+        base = httpx.URL(self.api_url + "/")
+        target = httpx.URL(next_url)
+        if target.is_relative_url:
+            return next_url
+        same_origin = (target.scheme, target.host, target.port) == (
+            base.scheme,
+            base.host,
+            base.port,
+        )
+        if not same_origin or not target.path.startswith(base.path):
+            raise GitHubError(
+                f"GitHub's next-page link for GET {path} points to "
+                f"{target.copy_with(query=None)!s}, outside api_url "
+                f"{self.api_url!r}; not following it",
+                method="GET",
+                path=path,
+            )
+        return next_url
+
+    async def verify_app(self) -> AppIdentity:
+        """Check the App id and key with ``GET /app``; return the App's identity.
+
+        Raise :class:`GitHubUnavailable` when GitHub cannot be reached, and
+        :class:`GitHubError` whose message says whether the App id or the
+        key was refused, or when the key belongs to another App.
+        """
+        issuer = self.app.issuer
+        try:
+            data = await self.app_request("GET", "/app")
+        except GitHubUnavailable as exc:
+            raise GitHubUnavailable(
+                f"cannot reach GitHub at {self.api_url!r} to check the App "
+                f"credentials ({exc}); check api_url and the network"
+            ) from exc
+        except RateLimited:
+            raise
+        except GitHubError as exc:
+            raise self._explain_app_rejection(exc, issuer) from None
+
+        if not isinstance(data, dict) or not isinstance(data.get("id"), int):
+            raise GitHubError(
+                f"GET /app at {self.api_url!r} did not return an App object; check "
+                "that api_url points at the REST API",
+                method="GET",
+                path="/app",
+            )
+        if data["id"] != self.app.app_id:
+            raise GitHubError(
+                f"the private key and issuer {issuer!r} belong to App {data['id']} "
+                f"({data.get('slug')!r}), not to the configured App id "
+                f"{self.app.app_id}; fix the App id",
+                method="GET",
+                path="/app",
+            )
+        identity = AppIdentity(
+            id=data["id"],
+            slug=str(data.get("slug", "")),
+            name=str(data.get("name", "")),
+            client_id=data.get("client_id"),
+        )
+        log.info(
+            "GitHub accepted the credentials of App %s (%s)", identity.id, identity.slug
+        )
+        return identity
+
+    def _explain_app_rejection(self, exc: GitHubError, issuer: str) -> GitHubError:
+        message = str(exc)
+        lowered = message.lower()
+        kwargs: dict[str, Any] = {
+            "status_code": exc.status_code,
+            "method": "GET",
+            "path": "/app",
+            "headers": exc.headers,
+        }
+        if exc.status_code == 404 or "integration not found" in lowered:
+            return GitHubError(
+                f"GitHub knows no App with issuer {issuer!r} ({message}); check "
+                "the App id (or client id) in the configuration",
+                **kwargs,
+            )
+        if exc.status_code == 401:
+            # GitHub answers "A JSON web token could not be decoded" both for
+            # a key of another App and for a wrong App id with a valid key.
+            return GitHubError(
+                f"GitHub did not accept the App JWT for issuer {issuer!r} "
+                f"({message}): the private key is not one of this App's keys, or "
+                "the App id is wrong; download a new key from the App's settings "
+                "page or fix the App id",
+                **kwargs,
+            )
+        return exc
+
+    async def mint_token(self, installation_id: int, *, scope: Scope) -> Token:
+        """Mint an installation token with ``POST .../access_tokens``.
+
+        Raise the :class:`TokenError` subclass that
+        :func:`classify_mint_failure` picks for a refusal, or what
+        :meth:`app_request` raises. Minting is retried like an idempotent
+        request: a second token is harmless.
+        """
+        path = f"/app/installations/{int(installation_id)}/access_tokens"
+        try:
+            response = await self._send_as_app(
+                "POST", path, json=scope.request_body(), idempotent=True
+            )
+        except RateLimited:
+            raise
+        except GitHubError as exc:
+            raise classify_mint_failure(installation_id, scope, exc) from None
+
+        body = _decode(response, "POST", path)
+        secret = body.get("token") if isinstance(body, dict) else None
+        expires_text = body.get("expires_at") if isinstance(body, dict) else None
+        if (
+            not isinstance(secret, str)
+            or not secret
+            or not isinstance(expires_text, str)
+        ):
+            raise GitHubError(
+                f"GitHub's answer to POST {path} has no token or expires_at",
+                status_code=response.status_code,
+                installation_id=installation_id,
+                method="POST",
+                path=path,
+            )
+        try:
+            expires_at = datetime.fromisoformat(expires_text)
+        except ValueError:
+            raise GitHubError(
+                f"GitHub's answer to POST {path} has an invalid expires_at "
+                f"{expires_text!r}",
+                status_code=response.status_code,
+                installation_id=installation_id,
+                method="POST",
+                path=path,
+            ) from None
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=UTC)
+
+        # The lifetime is measured on GitHub's clock (its Date header, which
+        # has whole seconds: one is taken off), then placed on the trio clock.
+        issued = server_time(response.headers, default=self.app.now())
+        lifetime = expires_at.timestamp() - issued - 1 * SECONDS
+        permissions = body.get("permissions")
+        return Token(
+            installation_id=installation_id,
+            secret=secret,
+            expires_at=expires_at,
+            deadline=trio.current_time() + lifetime,
+            scope=scope,
+            permissions=dict(permissions) if isinstance(permissions, dict) else {},
+        )
+
+    # -- the send loop -------------------------------------------------
+
+    async def _send_as_app(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object | None = None,
+        params: Mapping[str, str | int] | None = None,
+        idempotent: bool | None = None,
+    ) -> httpx.Response:
+        return await self._send(
+            method,
+            path,
+            authorization=lambda: f"Bearer {self.app.jwt()}",
+            as_app=True,
+            installation_id=None,
+            json=json,
+            params=params,
+            idempotent=idempotent,
+        )
+
+    async def _send_as_installation(
+        self,
+        installation_id: int,
+        method: str,
+        path: str,
+        *,
+        json: object | None = None,
+        params: Mapping[str, str | int] | None = None,
+        idempotent: bool | None = None,
+        scope: Scope,
+    ) -> httpx.Response:
+        # The token must outlive the request, so it is asked for valid_for
+        # the request timeout.
+        for round_number in (1, 2):
+            token = await self.tokens.get(
+                installation_id,
+                valid_for=self.timeout,
+                repositories=scope.repositories,
+                permissions=dict(scope.permissions)
+                if scope.permissions is not None
+                else None,
+            )
+            secret = token.secret
+            try:
+                return await self._send(
+                    method,
+                    path,
+                    authorization=_bearer(secret),
+                    as_app=False,
+                    installation_id=installation_id,
+                    json=json,
+                    params=params,
+                    idempotent=idempotent,
+                )
+            except GitHubError as exc:
+                if exc.status_code != 401:
+                    raise
+                if round_number == 2:
+                    log.warning(
+                        "GitHub %s %s answered 401 to a new token of installation "
+                        "%s; giving up",
+                        method,
+                        path,
+                        installation_id,
+                    )
+                    raise GitHubError(
+                        f"GitHub rejected a newly minted token of installation "
+                        f"{installation_id} for {method} {path} ({exc}); check the "
+                        "App's permissions and the installation",
+                        status_code=401,
+                        installation_id=installation_id,
+                        method=method,
+                        path=path,
+                        headers=exc.headers,
+                    ) from None
+                self.tokens.evict(token)
+                log.warning(
+                    "GitHub %s %s answered 401 to a cached token of installation "
+                    "%s (revoked?); retrying once with a new token",
+                    method,
+                    path,
+                    installation_id,
+                )
+        raise AssertionError("unreachable")
+
+    def _backoff_for(self, key: _BackoffKey) -> _Backoff:
+        state = self._backoff.get(key)
+        if state is None:
+            state = self._backoff[key] = _Backoff()
+        return state
+
+    def _jittered(self, failures: int) -> float:
+        delay: float = min(
+            self.backoff_max, self.backoff_initial * 2.0 ** (failures - 1)
+        )
+        return delay / 2 + self._random.uniform(0, delay / 2)
+
+    def _rate_limited(
+        self,
+        limit: RateLimit,
+        *,
+        who: str,
+        method: str,
+        path: str,
+        installation_id: int | None,
+        wait: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> RateLimited:
+        log.warning(
+            "GitHub %s %s is rate limited by the %s for %s until %s (%.0f s, more "
+            "than max_rate_limit_wait %.0f s); giving up",
+            method,
+            path,
+            limit.limit,
+            who,
+            limit.reset_at.isoformat(),
+            wait,
+            self.max_rate_limit_wait,
+        )
+        return RateLimited(
+            f"GitHub's {limit.limit} for {who} is exhausted until "
+            f"{limit.reset_at.isoformat()} ({wait:.0f} s, announced by "
+            f"{limit.announced_by}), longer than max_rate_limit_wait "
+            f"{self.max_rate_limit_wait:.0f} s; {method} {path} was not sent. "
+            "Retry after the reset, or raise max_rate_limit_wait",
+            limit=limit.limit,
+            reset_at=limit.reset_at,
+            status_code=429 if "secondary" in limit.limit else 403,
+            installation_id=installation_id,
+            method=method,
+            path=path,
+            headers=headers,
+        )
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        authorization: Callable[[], str],
+        as_app: bool,
+        installation_id: int | None,
+        json: object | None,
+        params: Mapping[str, str | int] | None,
+        idempotent: bool | None,
+    ) -> httpx.Response:
+        """Send one request with every retry rule; return a 2xx/3xx response.
+
+        Cancellation stops a wait or a request in flight; nothing is retried
+        after it.
+        """
+        method = method.upper()
+        if idempotent is None:
+            idempotent = method in _IDEMPOTENT_METHODS
+        key: _BackoffKey = (
+            ("app", None) if as_app else ("installation", installation_id)
+        )
+        who = "the App" if as_app else f"installation {installation_id}"
+        state = self._backoff_for(key)
+        log_path = httpx.URL(path).path
+        failures = 0
+        limited = 0
+        attempt = 0
+        clock_corrected = False
+
+        while True:
+            # A rate limit seen by any request of this installation (or of the
+            # App) holds back every request of it until the limit resets.
+            wait = state.until - trio.current_time()
+            if wait > 0 and state.limit is not None:
+                if wait > self.max_rate_limit_wait:
+                    raise self._rate_limited(
+                        state.limit,
+                        who=who,
+                        method=method,
+                        path=log_path,
+                        installation_id=installation_id,
+                        wait=wait,
+                    )
+                await trio.sleep(wait)
+
+            attempt += 1
+            headers = {"Authorization": authorization()}
+            try:
+                async with self._limiter:
+                    response = await self._http.request(
+                        method, path, json=json, params=params, headers=headers
+                    )
+            except httpx.TransportError as exc:
+                failures += 1
+                retryable = idempotent or isinstance(exc, _NOT_SENT)
+                if not retryable or failures >= self.max_attempts:
+                    log.warning(
+                        "GitHub %s %s failed with %s (attempt %d); giving up",
+                        method,
+                        log_path,
+                        type(exc).__name__,
+                        attempt,
+                    )
+                    reason = (
+                        f"after {failures} attempts"
+                        if retryable
+                        else "and was not retried because it is not idempotent"
+                    )
+                    raise GitHubUnavailable(
+                        f"{method} {log_path} to {self.api_url!r} failed with "
+                        f"{type(exc).__name__} {reason}; check that GitHub is "
+                        "reachable from this host"
+                    ) from exc
+                delay = self._jittered(failures)
+                log.warning(
+                    "GitHub %s %s failed with %s; retrying in %.1f s "
+                    "(attempt %d of %d)",
+                    method,
+                    log_path,
+                    type(exc).__name__,
+                    delay,
+                    attempt,
+                    self.max_attempts,
+                )
+                await trio.sleep(delay)
+                continue
+
+            status = response.status_code
+            if status < 400:
+                state.secondary_hits = 0
+                return response
+
+            message = _github_message(response)
+
+            if (
+                as_app
+                and not clock_corrected
+                and is_time_claim_rejection(status, message)
+            ):
+                clock_corrected = True
+                if self.app.correct_clock(response.headers.get("date")):
+                    log.warning(
+                        "GitHub %s %s rejected the JWT's time claims (status %d, "
+                        "attempt %d); retrying once with the clock offset %.0f s",
+                        method,
+                        log_path,
+                        status,
+                        attempt,
+                        self.app.clock_offset,
+                    )
+                    continue
+
+            now = server_time(response.headers, default=self.app.now())
+            limit = parse_rate_limit(
+                status,
+                response.headers,
+                message,
+                now=now,
+                secondary_hits=state.secondary_hits + 1,
+            )
+            if limit is not None:
+                limited += 1
+                if limit.announced_by == "the response message":
+                    state.secondary_hits += 1
+                state.limit = limit
+                state.until = max(state.until, trio.current_time() + limit.wait)
+                if (
+                    limit.wait > self.max_rate_limit_wait
+                    or limited >= self.max_attempts
+                ):
+                    raise self._rate_limited(
+                        limit,
+                        who=who,
+                        method=method,
+                        path=log_path,
+                        installation_id=installation_id,
+                        wait=limit.wait,
+                        headers=response.headers,
+                    )
+                log.warning(
+                    "GitHub %s %s answered %d: %s for %s; waiting %.0f s until %s "
+                    "(attempt %d of %d)",
+                    method,
+                    log_path,
+                    status,
+                    limit.limit,
+                    who,
+                    limit.wait,
+                    limit.reset_at.isoformat(),
+                    attempt,
+                    self.max_attempts,
+                )
+                continue
+
+            if status in _RETRYABLE_STATUS:
+                failures += 1
+                if idempotent and failures < self.max_attempts:
+                    delay = self._jittered(failures)
+                    log.warning(
+                        "GitHub %s %s answered %d; retrying in %.1f s "
+                        "(attempt %d of %d)",
+                        method,
+                        log_path,
+                        status,
+                        delay,
+                        attempt,
+                        self.max_attempts,
+                    )
+                    await trio.sleep(delay)
+                    continue
+                log.warning(
+                    "GitHub %s %s answered %d (attempt %d); giving up",
+                    method,
+                    log_path,
+                    status,
+                    attempt,
+                )
+                if idempotent:
+                    raise GitHubUnavailable(
+                        f"GitHub answered {method} {log_path} with {status} "
+                        f"{attempt} times ({message}); GitHub is failing, try "
+                        "again later"
+                    )
+                raise GitHubError(
+                    f"GitHub answered {method} {log_path} with {status} ({message}); "
+                    "not retried because the request is not idempotent",
+                    status_code=status,
+                    installation_id=installation_id,
+                    method=method,
+                    path=log_path,
+                    headers=response.headers,
+                )
+
+            hint = ""
+            if as_app and is_time_claim_rejection(status, message):
+                hint = (
+                    f" (even with the clock offset {self.app.clock_offset:.0f} s "
+                    "taken from GitHub's Date header); check this host's clock"
+                )
+            raise GitHubError(
+                f"GitHub answered {method} {log_path} with {status}: {message}{hint}",
+                status_code=status,
+                installation_id=installation_id,
+                method=method,
+                path=log_path,
+                headers=response.headers,
+            )
