@@ -6,10 +6,17 @@ No production module imports this package: only the CLI and the tests do.
 from __future__ import annotations
 
 from daemon.sandbox.emulator import (
+    DEFAULT_EVENTS,
     DEFAULT_PERMISSIONS,
     Emulator,
     RecordedRequest,
     generate_app_key,
 )
 
-__all__ = ["DEFAULT_PERMISSIONS", "Emulator", "RecordedRequest", "generate_app_key"]
+__all__ = [
+    "DEFAULT_EVENTS",
+    "DEFAULT_PERMISSIONS",
+    "Emulator",
+    "RecordedRequest",
+    "generate_app_key",
+]

@@ -14,7 +14,13 @@ from typing import Any
 
 from daemon.sandbox._common import invalid, parse_iso8601
 
-__all__ = ["MAX_ANNOTATIONS", "MAX_OUTPUT_CHARS", "apply_check_run", "public_view"]
+__all__ = [
+    "MAX_ANNOTATIONS",
+    "MAX_OUTPUT_CHARS",
+    "apply_check_run",
+    "public_view",
+    "select",
+]
 
 MAX_ANNOTATIONS = 50
 MAX_OUTPUT_CHARS = 65535
@@ -188,3 +194,37 @@ def apply_check_run(
 def public_view(run: dict[str, Any]) -> dict[str, Any]:
     """Return the check run as the REST API shows it, without ``annotations``."""
     return {key: value for key, value in run.items() if key != "annotations"}
+
+
+def select(
+    runs: list[dict[str, Any]],
+    *,
+    check_name: str | None,
+    status: str | None,
+    filter: str,
+) -> list[dict[str, Any]]:
+    """Return the runs of "List check runs for a Git reference", newest first.
+
+    ``filter`` is ``latest`` (the newest run of each name) or ``all``.
+    Raises the 422 APIError for another ``filter`` or ``status``.
+    """
+    if filter not in {"latest", "all"}:
+        raise invalid(f"'filter' must be latest or all, not {filter!r}.")
+    if status is not None and status not in {"queued", "in_progress", "completed"}:
+        raise invalid(
+            f"'status' must be queued, in_progress or completed, not {status!r}."
+        )
+    chosen = sorted(runs, key=lambda run: run["id"], reverse=True)
+    if check_name is not None:
+        chosen = [run for run in chosen if run["name"] == check_name]
+    if status is not None:
+        chosen = [run for run in chosen if run["status"] == status]
+    if filter == "all":
+        return chosen
+    seen: set[str] = set()
+    latest = []
+    for run in chosen:
+        if run["name"] not in seen:
+            seen.add(run["name"])
+            latest.append(run)
+    return latest

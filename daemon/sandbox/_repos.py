@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import trio
+
 __all__ = ["RepositoryStore", "git_environment", "valid_full_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
@@ -197,25 +199,37 @@ class RepositoryStore:
 
     def resolve(self, full_name: str, ref: str) -> str | None:
         """Return the commit sha ``ref`` names in the repository, or None."""
-        self._require(full_name)
         result = subprocess.run(
-            [
-                "git",
-                "--git-dir",
-                str(self.path(full_name)),
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                "--end-of-options",
-                f"{ref}^{{commit}}",
-            ],
+            self._rev_parse(full_name, ref),
             capture_output=True,
             env=self._env,
             check=False,
         )
-        if result.returncode != 0:
-            return None
-        return result.stdout.decode().strip()
+        return result.stdout.decode().strip() if result.returncode == 0 else None
+
+    async def resolve_async(self, full_name: str, ref: str) -> str | None:
+        """Return the commit sha ``ref`` names, without blocking the trio loop."""
+        result = await trio.run_process(
+            self._rev_parse(full_name, ref),
+            capture_stdout=True,
+            capture_stderr=True,
+            env=self._env,
+            check=False,
+        )
+        return result.stdout.decode().strip() if result.returncode == 0 else None
+
+    def _rev_parse(self, full_name: str, ref: str) -> list[str]:
+        self._require(full_name)
+        return [
+            "git",
+            "--git-dir",
+            str(self.path(full_name)),
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            "--end-of-options",
+            f"{ref}^{{commit}}",
+        ]
 
     def _require(self, full_name: str) -> None:
         if not self.exists(full_name):
