@@ -1,8 +1,8 @@
 """The durable record of accepted deliveries and of their jobs' states.
 
-A delivery answered 202 is in the journal before the answer is sent, and
-the journal returns it after a crash or restart until it is marked
-finished. :class:`Journal` is the interface; :class:`SqliteJournal` keeps
+A delivery is committed to the journal before the intake sends its 202
+response, and the journal returns it after a crash or restart until it is
+marked finished. :class:`Journal` is the interface; :class:`SqliteJournal` keeps
 it in a SQLite file and :class:`MemoryJournal` in process memory.
 """
 

@@ -97,7 +97,7 @@ class GroupCommitWriter:
     async def submit(self, work: Callable[[sqlite3.Connection], T], *, name: str) -> T:
         """Run ``work(connection)`` in the next batch and return its result.
 
-        ``name`` says what the work does, for error messages. A
+        ``name`` describes the work, for error messages. A
         ``sqlite3.Error`` from the work or from the commit is raised as
         :class:`~daemon.errors.JournalError`; other exceptions from the work
         propagate unchanged, and in both cases the work's changes are rolled
@@ -227,7 +227,7 @@ class GroupCommitWriter:
         try:
             self._token.run_sync_soon(self._deliver, batch)
         except trio.RunFinishedError:
-            # Nobody is left to wake: the trio run that submitted has ended.
+            # The trio run that submitted the batch has ended, so no task waits.
             log.debug("journal writer for %s outlived its trio run", self._path)
 
     def _deliver(self, batch: list[_Request[object]]) -> None:

@@ -43,13 +43,13 @@ class State(enum.StrEnum):
 
 
 class RecordOutcome(enum.StrEnum):
-    """What :meth:`Journal.record` did with a delivery."""
+    """The outcome of :meth:`Journal.record` for one delivery."""
 
-    #: The id was not in the journal; the delivery is now queued.
+    #: The id was not in the journal, and the delivery is now queued.
     NEW = "new"
-    #: The id was finished (an operator's redelivery); it is queued again.
+    #: The id was finished, so an operator redelivered it: it is queued again.
     RERUN = "rerun"
-    #: The id is queued or running; nothing changed.
+    #: The id is queued or running, so nothing changed.
     DUPLICATE = "duplicate"
 
 
@@ -103,9 +103,9 @@ class JobRecord:
 class JournalStats:
     """The journal's size and its number of deliveries in each state.
 
-    ``size_bytes`` is the space the journal takes on disk (for SQLite the
-    database file plus its write-ahead log; for the memory journal the sum
-    of the stored bodies).
+    ``size_bytes`` is the space the journal takes. For SQLite it is the
+    database file plus its write-ahead log, and for the memory journal the
+    sum of the stored bodies.
     """
 
     size_bytes: int
@@ -122,7 +122,7 @@ class JournalStatistics:
     ``commits`` counts committed transactions and ``operations`` the calls
     they carried, so ``operations / commits`` is the mean group-commit size.
     ``max_batch`` is the largest number of calls one transaction carried.
-    ``waiting`` is the number of calls submitted and not yet answered.
+    ``waiting`` is the number of calls submitted and not yet completed.
     """
 
     commits: int
@@ -133,7 +133,7 @@ class JournalStatistics:
 
 @dataclass(frozen=True, slots=True)
 class PruneResult:
-    """What :meth:`Journal.prune` deleted, and the journal's size afterwards.
+    """The counts of deliveries that :meth:`Journal.prune` deleted, and the size.
 
     ``expired`` counts finished deliveries deleted for their age and
     ``evicted`` those deleted to bring the journal under ``max_size``.
@@ -182,7 +182,7 @@ class Journal(Protocol):
 
         Deliveries left running by a previous process are queued again.
         Raise :class:`~daemon.errors.JournalError` when the storage cannot
-        be opened or is corrupt; it is never reset silently.
+        be opened or is corrupt. The storage is never reset.
         """
         ...
 
@@ -245,8 +245,8 @@ class Journal(Protocol):
     async def unfinished(self) -> list[JournalEntry]:
         """Return the queued and running deliveries in ``seq`` order.
 
-        Entries whose stored body no longer decodes are logged and left
-        out.
+        A stored body that no longer decodes is logged, its delivery is
+        marked finished, and it is left out.
         """
         ...
 
