@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import (
+    dsa,
+    ec,
+    ed448,
+    ed25519,
+    rsa,
+    x448,
+    x25519,
+)
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from daemon.errors import KeyFormatError
@@ -120,6 +128,21 @@ def _describe_unlabelled(data: bytes) -> str:
     return "text without a PEM 'BEGIN' line"
 
 
+def _key_kind(key: object) -> str:
+    kinds = (
+        (ec.EllipticCurvePrivateKey, "EC"),
+        (ed25519.Ed25519PrivateKey, "Ed25519"),
+        (ed448.Ed448PrivateKey, "Ed448"),
+        (dsa.DSAPrivateKey, "DSA"),
+        (x25519.X25519PrivateKey, "X25519"),
+        (x448.X448PrivateKey, "X448"),
+    )
+    for cls, name in kinds:
+        if isinstance(key, cls):
+            return name
+    return type(key).__name__
+
+
 def load_private_key(data: bytes, *, source: str) -> rsa.RSAPrivateKey:
     """Parse the App's RSA private key from PEM ``data`` read from ``source``.
 
@@ -178,8 +201,8 @@ def load_private_key(data: bytes, *, source: str) -> rsa.RSAPrivateKey:
         ) from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise KeyFormatError(
-            f"private key file {source!r} contains a {kind} "
-            f"{type(key).__name__.removesuffix('PrivateKey')} key, not RSA; "
+            f"private key file {source!r} contains a {kind} {_key_kind(key)} key, "
+            "not RSA; "
             "GitHub Apps sign with RSA: download the App's key from its settings page"
         )
     return key

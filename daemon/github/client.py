@@ -380,6 +380,8 @@ class GitHubClient:
             "path": "/app",
             "headers": exc.headers,
         }
+        if is_time_claim_rejection(exc.status_code or 0, message):
+            return exc
         if exc.status_code == 404 or "integration not found" in lowered:
             return GitHubError(
                 f"GitHub knows no App with issuer {issuer!r} ({message}); check "
