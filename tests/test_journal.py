@@ -619,6 +619,35 @@ async def test_burst_read_back_in_order(tmp_path: Path) -> None:
     assert commits < writers * per_writer
 
 
+async def test_close_waits_when_cancelled(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = SqliteJournal(path=path)
+    await journal.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    closed = trio.Event()
+
+    async def close_cancelled() -> None:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await journal.close()
+        closed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(journal.record, make_delivery("a"))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(close_cancelled)
+        await trio.testing.wait_all_tasks_blocked()
+        closed_while_locked = closed.is_set()
+        blocker.execute("ROLLBACK")
+        await closed.wait()
+    stored = blocker.execute("SELECT id, state FROM deliveries").fetchall()
+    blocker.close()
+
+    assert not closed_while_locked
+    assert stored == [("a", "queued")]
+
+
 async def test_cancelled_record_stays_consistent(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     delivery = make_delivery("a")

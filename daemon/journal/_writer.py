@@ -125,14 +125,16 @@ class GroupCommitWriter:
     async def stop(self) -> None:
         """Run the requests already submitted, then close the connection.
 
-        Waiting for the thread cannot be cancelled: the last batch is
-        committed before this returns.
+        The wait for the thread is shielded from cancellation, so the last
+        batch is committed and the file closed before this returns, even
+        during shutdown.
         """
         if self._thread is None or self._stopping:
             return
         self._stopping = True
         self._queue.put(_STOP)
-        await trio.to_thread.run_sync(self._thread.join)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._thread.join)
         log.debug("journal writer for %s stopped", self._path)
 
     def statistics(self) -> JournalStatistics:

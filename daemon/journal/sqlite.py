@@ -46,7 +46,9 @@ class SqliteJournal(Journal):
     enforces it, and the write-ahead log adds up to about 8 MiB on top.
     ``max_batch`` caps the number of calls one transaction carries.
 
-    Usable as ``async with SqliteJournal(path=...) as journal:``.
+    Usable as ``async with SqliteJournal(path=...) as journal:``. Call it
+    only from the trio run that opened it, because the writer thread wakes
+    callers through that run's token.
     """
 
     def __init__(
@@ -98,8 +100,9 @@ class SqliteJournal(Journal):
     async def close(self) -> None:
         """Commit the calls already submitted, then close the database.
 
-        Later calls raise ``trio.ClosedResourceError``. Closing twice is
-        allowed.
+        Cancellation does not interrupt closing: the file is closed when
+        this returns. Later calls raise ``trio.ClosedResourceError``.
+        Closing twice is allowed.
         """
         if self._writer is None:
             return
