@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import subprocess
 import time
@@ -84,13 +85,13 @@ def entries(root: Path) -> list[str]:
 async def hold_connections(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept TCP connections on 127.0.0.1 and never answer them."""
+    """Accept TCP connections on 127.0.0.1 and never respond on them."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    held: list[trio.SocketStream] = []
+    connections: list[trio.SocketStream] = []
     async with listeners[0]:
         task_status.started(listeners[0].socket.getsockname()[1])
         while True:
-            held.append(await listeners[0].accept())
+            connections.append(await listeners[0].accept())
 
 
 # ----------------------------------------------------------------------
@@ -273,7 +274,10 @@ async def test_lock_rejects_second_owner(tmp_path: Path) -> None:
     root = tmp_path / "workspaces"
     async with WorkspaceRoot(root=root):
         second = WorkspaceRoot(root=root)
-        with pytest.raises(WorkspaceError, match=r"another ghappd holds it") as info:
+        with pytest.raises(
+            WorkspaceError,
+            match=r"^workspace root '.*' is locked: another ghappd holds it",
+        ) as info:
             await second.open()
     assert str(root) in str(info.value)
 
@@ -307,7 +311,10 @@ async def test_open_removes_leftovers(tmp_path: Path) -> None:
 
 async def test_checkout_requires_open(tmp_path: Path) -> None:
     root = WorkspaceRoot(root=tmp_path / "workspaces")
-    with pytest.raises(RuntimeError, match=r"is not open; call open\(\) first$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^WorkspaceRoot\(root='.*'\) is not open; call open\(\) first$",
+    ):
         await root.checkout(
             job_id="job-1",
             git_url="http://127.0.0.1:9/git",
@@ -322,19 +329,21 @@ async def test_checkout_requires_open(tmp_path: Path) -> None:
 async def test_remove_rejects_outside_path(
     workspaces: WorkspaceRoot, tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match=r"is not inside workspace root"):
+    with pytest.raises(ValueError, match=r"^'.*' is not inside workspace root "):
         await workspaces.remove(tmp_path)
 
 
 # ----------------------------------------------------------------------
-# Servers that do not answer
+# Servers that do not respond
 
 
 async def test_silent_server_times_out(
     workspaces: WorkspaceRoot, nursery: trio.Nursery
 ) -> None:
     port = await nursery.start(hold_connections)
-    with pytest.raises(WorkspaceError, match=r"timed out after 1 s") as info:
+    with pytest.raises(
+        WorkspaceError, match=rf"^checkout of '{REPO}' at {SHA} timed out after 1 s;"
+    ) as info:
         await workspaces.checkout(
             job_id="job-1",
             git_url=f"http://127.0.0.1:{port}/git",
@@ -353,7 +362,9 @@ async def test_silent_server_hits_low_speed_limit(
 ) -> None:
     port = await nursery.start(hold_connections)
     async with WorkspaceRoot(root=tmp_path / "ws", low_speed_time=1) as workspaces:
-        with pytest.raises(WorkspaceError, match=r"transfer stalled"):
+        with pytest.raises(
+            WorkspaceError, match=rf"^checkout of '{REPO}' failed: the transfer stalled"
+        ):
             await workspaces.checkout(
                 job_id="job-1",
                 git_url=f"http://127.0.0.1:{port}/git",
@@ -387,7 +398,9 @@ async def test_unreachable_server_error(workspaces: WorkspaceRoot) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     await listeners[0].aclose()
-    with pytest.raises(WorkspaceError, match=r"could not be reached"):
+    with pytest.raises(
+        WorkspaceError, match=rf"^checkout of '{REPO}' failed: the git server could not"
+    ):
         await workspaces.checkout(
             job_id="job-1",
             git_url=f"http://127.0.0.1:{port}/git",
@@ -483,13 +496,17 @@ async def test_checkout_keeps_token_out_of_argv(
 
 
 async def test_checkout_falls_back_to_pull_ref(
-    workspaces: WorkspaceRoot, emulator: Emulator, app_key_pem: bytes
+    workspaces: WorkspaceRoot,
+    emulator: Emulator,
+    app_key_pem: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.jobs.workspace")
     emulator.create_repository(REPO, {"a.txt": "base\n"})
     sha = emulator.commit(REPO, {"a.txt": "pr\n"}, branch="feature")
     emulator.pull_ref(REPO, 7, sha)
     bare_git(emulator, REPO, "update-ref", "-d", "refs/heads/feature")
-    # The first upload-pack request gets the answer of a server that does
+    # The first upload-pack request gets the response of a server that does
     # not allow fetching unadvertised commits by sha.
     error = b"ERR upload-pack: not our ref " + sha.encode() + b"\n"
     emulator.inject(
@@ -513,6 +530,7 @@ async def test_checkout_falls_back_to_pull_ref(
     assert git_output(checkout, "rev-parse", "HEAD") == sha
     assert git_output(checkout, "rev-list", "--count", "HEAD") == "1"
     assert (checkout / "a.txt").read_text() == "pr\n"
+    assert any("instead" in record.getMessage() for record in caplog.records)
 
 
 async def test_force_pushed_commit_not_found(
@@ -565,7 +583,10 @@ async def test_missing_pull_ref_not_found(
     emulator.create_repository(REPO, {"a.txt": "base\n"})
     token = await mint_token(emulator, app_key_pem)
 
-    with pytest.raises(CommitNotFound, match=r"'refs/pull/9/head' does not exist"):
+    with pytest.raises(
+        CommitNotFound,
+        match=rf"^commit {SHA} of '{REPO}' is not on the server and 'refs/pull/9/head'",
+    ):
         await workspaces.checkout(
             job_id="job-1",
             git_url=emulator.git_url,
@@ -584,7 +605,7 @@ async def test_bad_token_rejected(
     credential = base64.b64encode(f"x-access-token:{FAKE_TOKEN}".encode()).decode()
 
     with pytest.raises(
-        WorkspaceError, match=r"rejected the installation token"
+        WorkspaceError, match=rf"^checkout of '{REPO}' failed: the server rejected the"
     ) as info:
         await workspaces.checkout(
             job_id="job-1",
@@ -607,7 +628,10 @@ async def test_unknown_repository_not_found(
     emulator.create_repository(REPO, {"a.txt": "a\n"})
     token = await mint_token(emulator, app_key_pem)
 
-    with pytest.raises(WorkspaceError, match=r"repository was not found") as info:
+    with pytest.raises(
+        WorkspaceError,
+        match=r"^checkout of 'octo-org/missing' failed: the repository was not",
+    ) as info:
         await workspaces.checkout(
             job_id="job-1",
             git_url=emulator.git_url,
