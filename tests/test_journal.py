@@ -450,6 +450,17 @@ async def test_open_directory_in_place(tmp_path: Path) -> None:
         await SqliteJournal(path=path).open()
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read a file with mode 000")
+async def test_open_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    async with SqliteJournal(path=path):
+        pass
+    path.chmod(0)
+
+    with pytest.raises(JournalError, match=file_error(path, " cannot be opened")):
+        await SqliteJournal(path=path).open()
+
+
 async def test_open_parent_is_file(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("not a directory")
     path = tmp_path / "state" / "journal.db"

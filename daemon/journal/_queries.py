@@ -260,8 +260,9 @@ def prune(
     while size > max_size:
         excess = size - max_size
         rows = connection.execute(
-            "SELECT seq, sum(length(body)) OVER (ORDER BY seq) FROM deliveries"
-            " WHERE state = 'finished' ORDER BY seq LIMIT ?",
+            "SELECT seq, sum(size) OVER (ORDER BY seq) FROM"
+            " (SELECT seq, length(body) AS size FROM deliveries"
+            " WHERE state = 'finished' ORDER BY seq LIMIT ?)",
             (_EVICTION_ROUND,),
         ).fetchall()
         if not rows:
