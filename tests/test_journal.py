@@ -9,7 +9,7 @@ import re
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from daemon.journal import (
     SqliteJournal,
     State,
 )
+from daemon.journal._writer import GroupCommitWriter
 
 
 def make_delivery(
@@ -591,6 +592,79 @@ async def test_loop_runs_while_writer_waits(tmp_path: Path) -> None:
     assert ticks == 100
     assert ticked_before_commit
     assert stats.queued == 1000
+
+
+async def test_writer_survives_failed_commit(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    # With a busy timeout of 0, BEGIN IMMEDIATE fails at once while the
+    # blocker holds the write lock.
+    connection = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=0
+    )
+    connection.execute("CREATE TABLE notes (text TEXT)")
+    writer = GroupCommitWriter(connection=connection, path=str(path))
+    writer.start()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+
+    def insert(connection: sqlite3.Connection) -> int:
+        connection.execute("INSERT INTO notes VALUES ('a')")
+        count: int = connection.execute("SELECT count(*) FROM notes").fetchone()[0]
+        return count
+
+    try:
+        with pytest.raises(
+            JournalError,
+            match=file_error(path, r": writing failed \(database is locked\); another"),
+        ):
+            await writer.submit(insert, name="inserting a note")
+        blocker.execute("ROLLBACK")
+        count = await writer.submit(insert, name="inserting a note")
+    finally:
+        blocker.close()
+        await writer.stop()
+
+    assert count == 1
+    assert writer.statistics().commits == 1
+
+
+async def test_failed_call_rolls_back_alone(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("CREATE TABLE notes (text TEXT)")
+    writer = GroupCommitWriter(connection=connection, path=str(path))
+    writer.start()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    outcomes: dict[str, str] = {}
+
+    def insert_then_fail(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO notes VALUES ('rolled back')")
+        raise ValueError("invalid note")
+
+    def insert(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO notes VALUES ('kept')")
+
+    async def call(label: str, work: Callable[[sqlite3.Connection], None]) -> None:
+        try:
+            await writer.submit(work, name=label)
+        except ValueError as exc:
+            outcomes[label] = str(exc)
+        else:
+            outcomes[label] = "ok"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "first", insert)
+        nursery.start_soon(call, "failing", insert_then_fail)
+        nursery.start_soon(call, "last", insert)
+        await trio.testing.wait_all_tasks_blocked()
+        blocker.execute("ROLLBACK")
+    await writer.stop()
+    notes = blocker.execute("SELECT text FROM notes").fetchall()
+    blocker.close()
+
+    assert outcomes == {"first": "ok", "failing": "invalid note", "last": "ok"}
+    assert notes == [("kept",), ("kept",)]
 
 
 async def test_burst_read_back_in_order(tmp_path: Path) -> None:

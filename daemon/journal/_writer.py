@@ -50,6 +50,12 @@ class _Stop:
 _STOP = _Stop()
 
 
+def _failure_hint(exc: Exception) -> str:
+    if getattr(exc, "sqlite_errorname", None) == "SQLITE_BUSY":
+        return "another process holds a lock on the file, so stop it"
+    return "check free disk space and the kernel log for I/O errors"
+
+
 class GroupCommitWriter:
     """Own a SQLite connection in a thread and run submitted work in batches.
 
@@ -189,7 +195,7 @@ class GroupCommitWriter:
                     request.result = None
                     request.error = JournalError(
                         f"journal file {self._path!r}: writing failed ({exc}); "
-                        f"check free disk space and the kernel log for I/O errors"
+                        f"{_failure_hint(exc)}"
                     )
         self._wake(batch)
 
