@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -297,6 +298,8 @@ async def test_open_removes_leftovers(tmp_path: Path) -> None:
     locked = root / "job-2-ef01" / "repo" / "ro"
     locked.mkdir(parents=True)
     (locked / "file").write_text("x")
+    # NOTE: as root, permissions do not block the removal, so the
+    # read-only retry in _rmtree only runs when the tests run as another user.
     locked.chmod(0o500)
     (root / "stray-file").write_text("x")
     outside = tmp_path / "outside"
@@ -316,6 +319,20 @@ async def test_checkout_requires_open(tmp_path: Path) -> None:
         match=r"^WorkspaceRoot\(root='.*'\) is not open; call open\(\) first$",
     ):
         await root.checkout(
+            job_id="job-1",
+            git_url="http://127.0.0.1:9/git",
+            repository=REPO,
+            sha=SHA,
+            fallback_ref=None,
+            token=FAKE_TOKEN,
+            timeout=CHECKOUT_TIMEOUT,
+        )
+
+
+async def test_checkout_missing_root_error(workspaces: WorkspaceRoot) -> None:
+    shutil.rmtree(workspaces.root)
+    with pytest.raises(WorkspaceError, match=r"^cannot create workspace '"):
+        await workspaces.checkout(
             job_id="job-1",
             git_url="http://127.0.0.1:9/git",
             repository=REPO,

@@ -439,9 +439,16 @@ class WorkspaceRoot:
         directory = self.root / f"{job_id}-{secrets.token_hex(4)}"
         checkout = directory / _CHECKOUT_NAME
         home = directory / _HOME_NAME
-        directory.mkdir(mode=0o700)
-        checkout.mkdir(mode=0o700)
-        home.mkdir(mode=0o700)
+        try:
+            directory.mkdir(mode=0o700)
+            checkout.mkdir(mode=0o700)
+            home.mkdir(mode=0o700)
+        except OSError as exc:
+            await self.remove(directory)
+            raise WorkspaceError(
+                f"cannot create workspace {str(directory)!r}: {exc.strerror}; "
+                "check that the workspace root exists and is writable"
+            ) from exc
 
         url = f"{base_url}/{repository}.git"
         credential = base64.b64encode(f"x-access-token:{token}".encode()).decode()
