@@ -107,9 +107,9 @@ class GroupCommitWriter:
         ``sqlite3.Error`` from the work or from the commit is raised as
         :class:`~daemon.errors.JournalError`; other exceptions from the work
         propagate unchanged, and in both cases the work's changes are rolled
-        back. A caller cancelled before the writer takes its request is
-        skipped; once the writer has taken it, the work runs and commits
-        even though the caller is gone.
+        back. If the caller is cancelled before the writer takes its request,
+        the work is skipped. Once the writer has taken it, the work runs
+        and commits even though the caller is gone.
         """
         if self._stopping or self._thread is None:
             raise trio.ClosedResourceError("the journal is closed or not open")
