@@ -256,6 +256,10 @@ class TokenCache:
         self._suspended: set[int] = set()
         self._stats = TokenCacheStatistics(0, 0, 0, 0, 0, 0, 0)
 
+    def secrets(self) -> list[str]:
+        """Return the secret of every cached token, for the log redaction filter."""
+        return [entry.token.secret for entry in self._entries.values()]
+
     def statistics(self) -> TokenCacheStatistics:
         """Return the counters, with ``cached`` the number of tokens held now."""
         self._stats.cached = len(self._entries)

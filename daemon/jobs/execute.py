@@ -1,0 +1,422 @@
+"""Run one job from start to report: token, checkout, command, check run.
+
+:class:`JobExecutor` is the executor the lanes call. Every failure a
+repository owner can act on (the App lost access, the commit is gone, the
+clone failed, the command failed or timed out) ends in a completed check
+run or comment that says so; only cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from daemon.config import TOKEN_MARGIN, JobRule, RunnerConfig
+from daemon.errors import (
+    CommitNotFound,
+    GhappdError,
+    GitHubError,
+    InstallationNotFound,
+    InstallationSuspended,
+    TokenError,
+    WorkspaceError,
+)
+from daemon.github.client import GitHubClient
+from daemon.jobs.annotations import parse_annotations
+from daemon.jobs.report import Reporter
+from daemon.jobs.runner import CommandResult, build_environment, run_command
+from daemon.jobs.workspace import WorkspaceRoot, job_event_path, job_home
+from daemon.journal import Journal, State
+from daemon.routing import JobSpec
+
+__all__ = ["JobExecutor", "JobSettings"]
+
+log = logging.getLogger(__name__)
+
+# Checks' conclusions, as the REST API names them.
+SUCCESS = "success"
+FAILURE = "failure"
+TIMED_OUT = "timed_out"
+CANCELLED = "cancelled"
+SKIPPED = "skipped"
+# Seconds a report made during cancellation or shutdown may take.
+_SHIELDED_REPORT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobSettings:
+    """What a job needs of the configuration, read when the job starts."""
+
+    api_url: str
+    git_url: str
+    runner: RunnerConfig
+
+
+class JobExecutor:
+    """Run jobs and report them on GitHub; the lanes' executor."""
+
+    def __init__(
+        self,
+        *,
+        client: GitHubClient,
+        journal: Journal,
+        workspaces: WorkspaceRoot,
+        settings: Callable[[], JobSettings],
+    ) -> None:
+        self.client = client
+        self.journal = journal
+        self.workspaces = workspaces
+        self.settings = settings
+        self.reporter = Reporter(client=client, journal=journal)
+        self.command_cpu_seconds = 0.0
+
+    # -- the lane's calls ---------------------------------------------------
+
+    async def queued(self, job: JobSpec, *, ahead: int) -> None:
+        await self.journal.set_job(job.delivery.id, job.name, state=State.QUEUED)
+        if job.report != "check_run" or job.sha is None:
+            return
+        if ahead == 0:
+            summary = "The job is next in line for this installation."
+        else:
+            summary = (
+                f"{ahead} job{'s' if ahead != 1 else ''} of this installation"
+                " run before this one."
+            )
+        await self.reporter.check_run(
+            job,
+            state=State.QUEUED,
+            body={
+                "status": "queued",
+                "output": {"title": "Queued", "summary": summary},
+            },
+        )
+
+    async def skipped(self, job: JobSpec, *, reason: str) -> None:
+        await self._complete_quietly(
+            job, conclusion=SKIPPED, title="Skipped", summary=f"Not run: {reason}."
+        )
+
+    async def cancelled(self, job: JobSpec, *, reason: str) -> None:
+        await self._complete_quietly(
+            job,
+            conclusion=CANCELLED,
+            title="Cancelled",
+            summary=f"Cancelled because {reason}.",
+        )
+
+    async def failed(self, job: JobSpec, *, error: BaseException) -> None:
+        await self._complete_quietly(
+            job,
+            conclusion=FAILURE,
+            title="ghappd failed",
+            summary=(
+                "ghappd failed while running this job"
+                f" ({type(error).__name__}); its log has the details under"
+                f" delivery {job.delivery.id}."
+            ),
+        )
+
+    async def interrupted(self, job: JobSpec) -> None:
+        if job.report != "check_run" or job.sha is None:
+            return
+        with trio.move_on_after(_SHIELDED_REPORT_TIMEOUT):
+            try:
+                await self.reporter.check_run(
+                    job,
+                    state=State.QUEUED,
+                    body={
+                        "status": "queued",
+                        "output": {
+                            "title": "Interrupted",
+                            "summary": (
+                                "ghappd stopped while this job ran; it runs"
+                                " again when ghappd starts."
+                            ),
+                        },
+                    },
+                )
+            except GhappdError as exc:
+                log.warning(
+                    "reporting job %s as interrupted failed: %s", job.external_id, exc
+                )
+
+    async def run(self, job: JobSpec) -> None:
+        """Run ``job`` and complete its report; raise only ``trio.Cancelled``."""
+        settings = self.settings()
+        rule = job.rule
+        log.info("job %s started", job.external_id)
+        start = trio.current_time()
+        await self.journal.set_job(job.delivery.id, job.name, state=State.RUNNING)
+
+        try:
+            await self._run(job, rule, settings)
+        except CommitNotFound as exc:
+            log.info("job %s skipped: %s", job.external_id, exc)
+            await self._complete_quietly(
+                job,
+                conclusion=SKIPPED,
+                title="Commit no longer exists",
+                summary=(
+                    f"The commit {job.sha} is gone from {job.repository}"
+                    " (the branch was probably force-pushed), so there is"
+                    f" nothing to check. {exc}"
+                ),
+            )
+        except (InstallationNotFound, InstallationSuspended) as exc:
+            log.warning("job %s cannot run: %s", job.external_id, exc)
+            await self.journal.set_job(
+                job.delivery.id, job.name, state=State.FINISHED, conclusion=CANCELLED
+            )
+        except TokenError as exc:
+            log.warning("job %s got no token: %s", job.external_id, exc)
+            await self._complete_quietly(
+                job,
+                conclusion=FAILURE,
+                title="No access token",
+                summary=(
+                    "ghappd could not get an installation access token for"
+                    f" this job: {exc}"
+                ),
+            )
+        except WorkspaceError as exc:
+            log.warning("job %s checkout failed: %s", job.external_id, exc)
+            await self._complete_quietly(
+                job,
+                conclusion=FAILURE,
+                title="Checkout failed",
+                summary=f"ghappd could not check out {job.repository}: {exc}",
+            )
+        except GhappdError as exc:
+            log.warning("job %s failed: %s", job.external_id, exc)
+            await self._complete_quietly(
+                job,
+                conclusion=FAILURE,
+                title="ghappd failed",
+                summary=f"The job could not be completed: {exc}",
+            )
+        finally:
+            log.info(
+                "job %s ended after %.1f s",
+                job.external_id,
+                trio.current_time() - start,
+            )
+
+    # -- the steps ----------------------------------------------------------
+
+    async def _run(self, job: JobSpec, rule: JobRule, settings: JobSettings) -> None:
+        runner = settings.runner
+        sha = job.sha or await self._resolve_sha(job)
+        clone_token = await self.client.tokens.get(
+            job.installation_id,
+            valid_for=runner.git_timeout + TOKEN_MARGIN,
+            repositories=[job.repository],
+            permissions={"contents": "read"},
+        )
+        if job.report == "check_run":
+            await self.reporter.check_run(
+                _with_sha(job, sha),
+                state=State.RUNNING,
+                body={
+                    "status": "in_progress",
+                    "started_at": _iso_now(),
+                    "output": {
+                        "title": "Running",
+                        "summary": f"Running `{shlex.join(rule.command)}`.",
+                    },
+                },
+            )
+
+        async with self.workspaces.workspace(
+            job_id=_job_id(job),
+            git_url=settings.git_url,
+            repository=job.repository,
+            sha=sha,
+            fallback_ref=job.fetch_ref,
+            token=clone_token.secret,
+            timeout=runner.git_timeout,
+        ) as checkout:
+            command_token = None
+            if rule.token:
+                command_token = await self.client.tokens.get(
+                    job.installation_id,
+                    valid_for=rule.timeout + TOKEN_MARGIN,
+                    repositories=[job.repository],
+                    permissions=dict(rule.permissions),
+                )
+            event_path = job_event_path(checkout)
+            await trio.Path(event_path).write_bytes(
+                json.dumps(job.delivery.payload).encode()
+            )
+            env = build_environment(
+                event_name=job.delivery.event,
+                event_path=event_path,
+                repository=job.repository,
+                sha=sha,
+                ref=job.ref,
+                api_url=settings.api_url,
+                server_url=settings.git_url,
+                workspace=checkout,
+                home=job_home(checkout),
+                token=command_token.secret if command_token else None,
+                path=_command_path(),
+            )
+            env.update(rule.env)
+            env.update({k: v.reveal().decode() for k, v in rule.secret_env.items()})
+            result = await run_command(
+                rule.command,
+                cwd=checkout,
+                env=env,
+                timeout=rule.timeout,
+                kill_grace=runner.kill_grace,
+                nice=runner.nice,
+                output_limit=runner.output_limit,
+            )
+            self.command_cpu_seconds += result.duration
+            await self._report_result(_with_sha(job, sha), result, checkout)
+
+    async def _resolve_sha(self, job: JobSpec) -> str:
+        """Find the commit to check out for an event that names none."""
+        if job.pull_number is not None:
+            path = f"/repos/{job.repository}/pulls/{job.pull_number}"
+            pull = await self.client.installation_request(
+                job.installation_id, "GET", path
+            )
+            sha = _dig(pull, "head", "sha")
+        else:
+            ref = (job.fetch_ref or "").removeprefix("refs/")
+            path = f"/repos/{job.repository}/commits/{ref}"
+            commit = await self.client.installation_request(
+                job.installation_id, "GET", path
+            )
+            sha = _dig(commit, "sha")
+        if not isinstance(sha, str):
+            raise GitHubError(
+                f"GitHub's answer to GET {path} names no commit",
+                installation_id=job.installation_id,
+                method="GET",
+                path=path,
+            )
+        return sha
+
+    async def _report_result(
+        self, job: JobSpec, result: CommandResult, checkout: Path
+    ) -> None:
+        command = shlex.join(job.rule.command)
+        if result.timed_out:
+            conclusion = TIMED_OUT
+            title = f"Timed out after {job.rule.timeout:.0f} s"
+        elif result.exit_code == 0:
+            conclusion = SUCCESS
+            title = "Passed"
+        else:
+            conclusion = FAILURE
+            if result.exit_code is None and result.signal is None:
+                title = "Command could not start"
+            elif result.signal is not None:
+                title = f"Killed by signal {result.signal}"
+            else:
+                title = f"Failed with exit code {result.exit_code}"
+        parsed = parse_annotations(result.output, workspace=str(checkout))
+        lines = [
+            f"`{command}` ran for {result.duration:.1f} s on `{job.sha}`"
+            f" and ended: {title.lower()}."
+        ]
+        if parsed.annotations:
+            lines.append(f"It reported {len(parsed.annotations)} annotations.")
+        for note in parsed.unlocated[:20]:
+            lines.append(f"- {note['annotation_level']}: {note['message']}")
+        if result.truncated:
+            lines.append(
+                f"The output was {result.output_bytes} bytes; the last"
+                f" {len(result.output.encode())} are shown."
+            )
+        text = "```\n" + result.output.replace("```", "'''") + "\n```"
+        log.info("job %s concluded %s", job.external_id, conclusion)
+        await self.reporter.complete(
+            job,
+            conclusion=conclusion,
+            title=title,
+            summary="\n".join(lines),
+            text=text if result.output else None,
+            annotations=parsed.annotations,
+        )
+
+    async def _complete_quietly(
+        self, job: JobSpec, *, conclusion: str, title: str, summary: str
+    ) -> None:
+        """Complete the job's report; log, do not raise, when that fails."""
+        no_check_run = job.report == "check_run" and job.sha is None
+        # A skipped job gets no comment: a comment per skip would be noise.
+        quiet_comment = job.report == "comment" and conclusion == SKIPPED
+        if no_check_run or quiet_comment:
+            await self.journal.set_job(
+                job.delivery.id, job.name, state=State.FINISHED, conclusion=conclusion
+            )
+            log.info("job %s %s: %s", job.external_id, conclusion, summary)
+            return
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(_SHIELDED_REPORT_TIMEOUT),
+        ):
+            try:
+                await self.reporter.complete(
+                    job, conclusion=conclusion, title=title, summary=summary
+                )
+            except GhappdError as exc:
+                log.warning(
+                    "reporting job %s as %s failed: %s",
+                    job.external_id,
+                    conclusion,
+                    exc,
+                )
+
+
+def _command_path() -> str:
+    """Return the commands' PATH: the daemon's own, after its scripts folder.
+
+    Tools installed beside ghappd in its virtual environment (such as the
+    ``sandbox`` extra's ruff) are found even when that environment is not
+    activated, as under systemd.
+    """
+    scripts = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", os.defpath)
+    if scripts in path.split(os.pathsep):
+        return path
+    return os.pathsep.join([scripts, path])
+
+
+def _job_id(job: JobSpec) -> str:
+    # Workspace directory names: the delivery id and job name, with only
+    # characters that are safe in a path.
+    raw = f"{job.delivery.id}-{job.rule.name}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw).lstrip(".")
+
+
+def _with_sha(job: JobSpec, sha: str) -> JobSpec:
+    if job.sha == sha:
+        return job
+    return dataclasses.replace(job, sha=sha)
+
+
+def _iso_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dig(value: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
