@@ -178,16 +178,34 @@ async def test_refresher_drops_idle_tokens(
 async def test_refresher_keeps_token_while_active(
     autojump_clock: trio.abc.Clock, emulator: Emulator, github: GitHubClient
 ) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(github.tokens.run_refresher, active=lambda: [INSTALLATION_ID])
+        )
+        for _ in range(18):
+            await github.tokens.get(INSTALLATION_ID, valid_for=60)
+            await trio.sleep(10 * 60)
+        nursery.cancel_scope.cancel()
+    stats = github.tokens.statistics()
+    # The first get() mints; the refresher renews each token once it has
+    # less than 600 s of use left: at about 49, 98 and 147 minutes.
+    assert stats.mints - stats.refreshes == 1
+    assert _mints(emulator) == 4
+    assert stats.cached == 1
+
+
+async def test_refresher_drops_token_unused_while_active(
+    autojump_clock: trio.abc.Clock, emulator: Emulator, github: GitHubClient
+) -> None:
     await github.tokens.get(INSTALLATION_ID, valid_for=60)
     async with trio.open_nursery() as nursery:
         await nursery.start(
             partial(github.tokens.run_refresher, active=lambda: [INSTALLATION_ID])
         )
-        await trio.sleep(3 * 3600)
+        await trio.sleep(61 * 60)
         nursery.cancel_scope.cancel()
-    assert github.tokens.statistics().cached == 1
-    # One mint per usable hour: 60 min minus the margin and the 10 min ahead.
-    assert _mints(emulator) == 4
+    assert github.tokens.statistics().cached == 0
+    assert _mints(emulator) == 2
 
 
 async def test_uninstalled_fails_fast(emulator: Emulator, github: GitHubClient) -> None:

@@ -1,33 +1,23 @@
 """The REST client: one ``httpx.AsyncClient`` for the whole daemon.
 
 Requests go out as the App (a JWT from :class:`AppAuth`) or as an
-installation (a token from the client's :class:`TokenCache`). Failures are
-handled in one place, :meth:`GitHubClient._send`:
+installation (a token from the client's :class:`TokenCache`). Every
+request passes through :class:`daemon.github.sender.Sender`, which retries
+transient failures and waits out rate limits. On top of that, a 401 for an
+installation token the cache still trusts evicts it, and the request is
+sent once more with a new token (:meth:`GitHubClient.installation_request`).
 
-- connection errors, timeouts and 5xx answers are retried with bounded
-  exponential backoff and jitter, then raise :class:`GitHubUnavailable`.
-  A POST is retried only when the caller marks it idempotent, except when
-  the connection failed before the request was sent;
-- 403/429 rate limits (see ``daemon.github.ratelimit``) are waited out, up
-  to ``max_rate_limit_wait`` seconds, else raise :class:`RateLimited`. The
-  wait is kept per installation (and per App for JWT calls), so one
-  limited installation does not hold up the others;
-- a 401 for the JWT's time claims corrects the clock offset from the
-  answer's ``Date`` and retries once;
-- a 401 for an installation token the cache still trusts evicts it, mints
-  a new one and retries once (:meth:`GitHubClient.installation_request`).
-
-Every other error answer raises :class:`GitHubError` with GitHub's message.
-Log records name the method, path, status and attempt, never a credential.
+Errors: :class:`GitHubError` for an error answer (the ``TokenError``
+subclasses when minting fails), :class:`RateLimited` for a limit longer
+than the configured wait, :class:`GitHubUnavailable` when GitHub cannot be
+reached or keeps failing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +31,8 @@ from daemon.errors import (
     RateLimited,
 )
 from daemon.github.app import AppAuth, AppIdentity, is_time_claim_rejection
-from daemon.github.ratelimit import RateLimit, parse_rate_limit, server_time
+from daemon.github.ratelimit import server_time
+from daemon.github.sender import Sender
 from daemon.github.tokens import Scope, Token, TokenCache, classify_mint_failure
 
 __all__ = [
@@ -60,34 +51,9 @@ DEFAULT_API_URL = "https://api.github.com"
 # in "API Versions" (docs.github.com/en/rest/about-the-rest-api/api-versions).
 API_VERSION = "2022-11-28"
 
-_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
-# Transport errors raised before any byte of the request was sent: safe to
-# retry for every method.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
-
-_BackoffKey = tuple[str, int | None]
-
-
-@dataclass(slots=True)
-class _Backoff:
-    until: float = 0.0
-    limit: RateLimit | None = None
-    secondary_hits: int = 0
-
 
 def _bearer(secret: str) -> Callable[[], str]:
     return lambda: f"Bearer {secret}"
-
-
-def _github_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200].strip() or response.reason_phrase
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return str(body["message"])
-    return response.reason_phrase
 
 
 def _decode(response: httpx.Response, method: str, path: str) -> Any:
@@ -159,14 +125,8 @@ class GitHubClient:
 
         self.api_url = api_url.rstrip("/")
         self.app = app
-        self.max_rate_limit_wait = max_rate_limit_wait
-        self.max_attempts = max_attempts
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
         self.timeout = timeout
         self._limiter = trio.CapacityLimiter(max_concurrent_requests)
-        self._backoff: dict[_BackoffKey, _Backoff] = {}
-        self._random = random.Random()
         self._http = httpx.AsyncClient(
             base_url=self.api_url,
             headers={
@@ -177,6 +137,16 @@ class GitHubClient:
             timeout=httpx.Timeout(timeout),
             transport=transport,
             follow_redirects=False,
+        )
+        self._sender = Sender(
+            http=self._http,
+            app=app,
+            api_url=self.api_url,
+            limiter=self._limiter,
+            max_rate_limit_wait=max_rate_limit_wait,
+            max_attempts=max_attempts,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
         )
         self.tokens = TokenCache(
             mint=self.mint_token,
@@ -461,7 +431,7 @@ class GitHubClient:
             permissions=dict(permissions) if isinstance(permissions, dict) else {},
         )
 
-    # -- the send loop -------------------------------------------------
+    # -- sending -------------------------------------------------------
 
     async def _send_as_app(
         self,
@@ -472,11 +442,10 @@ class GitHubClient:
         params: Mapping[str, str | int] | None = None,
         idempotent: bool | None = None,
     ) -> httpx.Response:
-        return await self._send(
+        return await self._sender.send(
             method,
             path,
             authorization=lambda: f"Bearer {self.app.jwt()}",
-            as_app=True,
             installation_id=None,
             json=json,
             params=params,
@@ -507,11 +476,10 @@ class GitHubClient:
             )
             secret = token.secret
             try:
-                return await self._send(
+                return await self._sender.send(
                     method,
                     path,
                     authorization=_bearer(secret),
-                    as_app=False,
                     installation_id=installation_id,
                     json=json,
                     params=params,
@@ -547,262 +515,3 @@ class GitHubClient:
                     installation_id,
                 )
         raise AssertionError("unreachable")
-
-    def _backoff_for(self, key: _BackoffKey) -> _Backoff:
-        state = self._backoff.get(key)
-        if state is None:
-            state = self._backoff[key] = _Backoff()
-        return state
-
-    def _jittered(self, failures: int) -> float:
-        delay: float = min(
-            self.backoff_max, self.backoff_initial * 2.0 ** (failures - 1)
-        )
-        return delay / 2 + self._random.uniform(0, delay / 2)
-
-    def _rate_limited(
-        self,
-        limit: RateLimit,
-        *,
-        who: str,
-        method: str,
-        path: str,
-        installation_id: int | None,
-        wait: float,
-        headers: Mapping[str, str] | None = None,
-    ) -> RateLimited:
-        log.warning(
-            "GitHub %s %s is rate limited by the %s for %s until %s (%.0f s, more "
-            "than max_rate_limit_wait %.0f s); giving up",
-            method,
-            path,
-            limit.limit,
-            who,
-            limit.reset_at.isoformat(),
-            wait,
-            self.max_rate_limit_wait,
-        )
-        return RateLimited(
-            f"GitHub's {limit.limit} for {who} is exhausted until "
-            f"{limit.reset_at.isoformat()} ({wait:.0f} s, announced by "
-            f"{limit.announced_by}), longer than max_rate_limit_wait "
-            f"{self.max_rate_limit_wait:.0f} s; {method} {path} was not sent. "
-            "Retry after the reset, or raise max_rate_limit_wait",
-            limit=limit.limit,
-            reset_at=limit.reset_at,
-            status_code=429 if "secondary" in limit.limit else 403,
-            installation_id=installation_id,
-            method=method,
-            path=path,
-            headers=headers,
-        )
-
-    async def _send(
-        self,
-        method: str,
-        path: str,
-        *,
-        authorization: Callable[[], str],
-        as_app: bool,
-        installation_id: int | None,
-        json: object | None,
-        params: Mapping[str, str | int] | None,
-        idempotent: bool | None,
-    ) -> httpx.Response:
-        """Send one request with every retry rule; return a 2xx/3xx response.
-
-        Cancellation stops a wait or a request in flight; nothing is retried
-        after it.
-        """
-        method = method.upper()
-        if idempotent is None:
-            idempotent = method in _IDEMPOTENT_METHODS
-        key: _BackoffKey = (
-            ("app", None) if as_app else ("installation", installation_id)
-        )
-        who = "the App" if as_app else f"installation {installation_id}"
-        state = self._backoff_for(key)
-        log_path = httpx.URL(path).path
-        failures = 0
-        limited = 0
-        attempt = 0
-        clock_corrected = False
-
-        while True:
-            # A rate limit seen by any request of this installation (or of the
-            # App) holds back every request of it until the limit resets.
-            wait = state.until - trio.current_time()
-            if wait > 0 and state.limit is not None:
-                if wait > self.max_rate_limit_wait:
-                    raise self._rate_limited(
-                        state.limit,
-                        who=who,
-                        method=method,
-                        path=log_path,
-                        installation_id=installation_id,
-                        wait=wait,
-                    )
-                await trio.sleep(wait)
-
-            attempt += 1
-            headers = {"Authorization": authorization()}
-            try:
-                async with self._limiter:
-                    response = await self._http.request(
-                        method, path, json=json, params=params, headers=headers
-                    )
-            except httpx.TransportError as exc:
-                failures += 1
-                retryable = idempotent or isinstance(exc, _NOT_SENT)
-                if not retryable or failures >= self.max_attempts:
-                    log.warning(
-                        "GitHub %s %s failed with %s (attempt %d); giving up",
-                        method,
-                        log_path,
-                        type(exc).__name__,
-                        attempt,
-                    )
-                    reason = (
-                        f"after {failures} attempts"
-                        if retryable
-                        else "and was not retried because it is not idempotent"
-                    )
-                    raise GitHubUnavailable(
-                        f"{method} {log_path} to {self.api_url!r} failed with "
-                        f"{type(exc).__name__} {reason}; check that GitHub is "
-                        "reachable from this host"
-                    ) from exc
-                delay = self._jittered(failures)
-                log.warning(
-                    "GitHub %s %s failed with %s; retrying in %.1f s "
-                    "(attempt %d of %d)",
-                    method,
-                    log_path,
-                    type(exc).__name__,
-                    delay,
-                    attempt,
-                    self.max_attempts,
-                )
-                await trio.sleep(delay)
-                continue
-
-            status = response.status_code
-            if status < 400:
-                state.secondary_hits = 0
-                return response
-
-            message = _github_message(response)
-
-            if (
-                as_app
-                and not clock_corrected
-                and is_time_claim_rejection(status, message)
-            ):
-                clock_corrected = True
-                if self.app.correct_clock(response.headers.get("date")):
-                    log.warning(
-                        "GitHub %s %s rejected the JWT's time claims (status %d, "
-                        "attempt %d); retrying once with the clock offset %.0f s",
-                        method,
-                        log_path,
-                        status,
-                        attempt,
-                        self.app.clock_offset,
-                    )
-                    continue
-
-            now = server_time(response.headers, default=self.app.now())
-            limit = parse_rate_limit(
-                status,
-                response.headers,
-                message,
-                now=now,
-                secondary_hits=state.secondary_hits + 1,
-            )
-            if limit is not None:
-                limited += 1
-                if limit.announced_by == "the response message":
-                    state.secondary_hits += 1
-                state.limit = limit
-                state.until = max(state.until, trio.current_time() + limit.wait)
-                if (
-                    limit.wait > self.max_rate_limit_wait
-                    or limited >= self.max_attempts
-                ):
-                    raise self._rate_limited(
-                        limit,
-                        who=who,
-                        method=method,
-                        path=log_path,
-                        installation_id=installation_id,
-                        wait=limit.wait,
-                        headers=response.headers,
-                    )
-                log.warning(
-                    "GitHub %s %s answered %d: %s for %s; waiting %.0f s until %s "
-                    "(attempt %d of %d)",
-                    method,
-                    log_path,
-                    status,
-                    limit.limit,
-                    who,
-                    limit.wait,
-                    limit.reset_at.isoformat(),
-                    attempt,
-                    self.max_attempts,
-                )
-                continue
-
-            if status in _RETRYABLE_STATUS:
-                failures += 1
-                if idempotent and failures < self.max_attempts:
-                    delay = self._jittered(failures)
-                    log.warning(
-                        "GitHub %s %s answered %d; retrying in %.1f s "
-                        "(attempt %d of %d)",
-                        method,
-                        log_path,
-                        status,
-                        delay,
-                        attempt,
-                        self.max_attempts,
-                    )
-                    await trio.sleep(delay)
-                    continue
-                log.warning(
-                    "GitHub %s %s answered %d (attempt %d); giving up",
-                    method,
-                    log_path,
-                    status,
-                    attempt,
-                )
-                if idempotent:
-                    raise GitHubUnavailable(
-                        f"GitHub answered {method} {log_path} with {status} "
-                        f"{attempt} times ({message}); GitHub is failing, try "
-                        "again later"
-                    )
-                raise GitHubError(
-                    f"GitHub answered {method} {log_path} with {status} ({message}); "
-                    "not retried because the request is not idempotent",
-                    status_code=status,
-                    installation_id=installation_id,
-                    method=method,
-                    path=log_path,
-                    headers=response.headers,
-                )
-
-            hint = ""
-            if as_app and is_time_claim_rejection(status, message):
-                hint = (
-                    f" (even with the clock offset {self.app.clock_offset:.0f} s "
-                    "taken from GitHub's Date header); check this host's clock"
-                )
-            raise GitHubError(
-                f"GitHub answered {method} {log_path} with {status}: {message}{hint}",
-                status_code=status,
-                installation_id=installation_id,
-                method=method,
-                path=log_path,
-                headers=response.headers,
-            )

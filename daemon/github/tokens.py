@@ -223,9 +223,9 @@ class TokenCache:
     ``mint`` performs the HTTP request. ``safety_margin`` (seconds): a token
     with less than this left counts as expired. The refresher renews the
     tokens of active installations once they have less than
-    ``refresh_ahead`` seconds of use left, and drops tokens of other
-    installations unused for ``idle_timeout`` seconds. It wakes at least
-    every ``refresh_interval`` seconds.
+    ``refresh_ahead`` seconds of use left, drops every token unused for
+    ``idle_timeout`` seconds, and drops expired tokens of inactive
+    installations. It wakes at least every ``refresh_interval`` seconds.
     """
 
     def __init__(
@@ -353,7 +353,7 @@ class TokenCache:
                 installation_id=installation_id,
             )
 
-    async def _lead_flight(self, key: _Key) -> Token:
+    async def _lead_flight(self, key: _Key, *, last_used: float | None = None) -> Token:
         installation_id, scope = key
         flight = _Flight(generation=self._gen(installation_id))
         self._flights[key] = flight
@@ -377,7 +377,11 @@ class TokenCache:
         self._stats.mints += 1
         flight.token = token
         if flight.generation == self._gen(installation_id):
-            self._entries[key] = _Entry(token=token, last_used=trio.current_time())
+            # A renewal keeps the old token's last use, so that renewals alone
+            # never keep a token from going idle.
+            if last_used is None:
+                last_used = trio.current_time()
+            self._entries[key] = _Entry(token=token, last_used=last_used)
         log.info(
             "minted token for installation %s (%s), valid %.0f s until %s",
             installation_id,
@@ -453,18 +457,23 @@ class TokenCache:
         due: list[_Key] = []
         for key, entry in list(self._entries.items()):
             installation_id = key[0]
-            if installation_id in active_ids:
-                if self._usable_for(entry.token) < self.refresh_ahead:
-                    due.append(key)
-                continue
             idle = now - entry.last_used
-            if idle >= self.idle_timeout or self._usable_for(entry.token) <= 0:
+            expired = self._usable_for(entry.token) <= 0
+            if idle >= self.idle_timeout or (
+                expired and installation_id not in active_ids
+            ):
                 del self._entries[key]
                 log.info(
-                    "dropped token of installation %s unused for %.0f s",
+                    "dropped token of installation %s (%s) unused for %.0f s",
                     installation_id,
+                    key[1].describe(),
                     idle,
                 )
+            elif (
+                installation_id in active_ids
+                and self._usable_for(entry.token) < self.refresh_ahead
+            ):
+                due.append(key)
 
         if not due:
             return
@@ -476,9 +485,12 @@ class TokenCache:
         installation_id, scope = key
         if key in self._flights:
             return
+        previous = self._entries.get(key)
         self._stats.refreshes += 1
         try:
-            await self._lead_flight(key)
+            await self._lead_flight(
+                key, last_used=previous.last_used if previous is not None else None
+            )
         except InstallationNotFound as exc:
             self._drop_installation(installation_id)
             log.warning(
