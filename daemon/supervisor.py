@@ -36,7 +36,7 @@ from daemon.github.client import GitHubClient
 from daemon.intake import Admission, IntakeSettings, Readiness, create_app, serve_intake
 from daemon.jobs.execute import JobExecutor, JobSettings
 from daemon.jobs.workspace import WorkspaceRoot
-from daemon.journal import Journal, MemoryJournal, SqliteJournal
+from daemon.journal import Journal, MemoryJournal, RecordOutcome, SqliteJournal
 from daemon.lanes import Dispatcher
 from daemon.listen import prepare_binds, set_close_on_exec
 from daemon.notify import Notifier
@@ -84,19 +84,24 @@ class _Sink:
                     queued,
                 )
                 return Admission.FULL
-        try:
-            result = await daemon.journal.record(delivery)
-        except JournalError as exc:
-            log.error("delivery %s not recorded: %s", delivery.id, exc)
-            return Admission.FULL
-        if not result.accepted:
-            return Admission.DUPLICATE
-        if result.outcome.value == "rerun":
-            log.info("delivery %s redelivered after it finished: rerun", delivery.id)
-        if self.held is not None:
-            self.held.append((result.seq, delivery))
-        else:
-            daemon.dispatcher.submit(result.seq, delivery)
+        # Shielded: once the journal has the delivery it must also reach
+        # the dispatcher, even if GitHub hangs up while the commit runs.
+        with trio.CancelScope(shield=True):
+            try:
+                result = await daemon.journal.record(delivery)
+            except JournalError as exc:
+                log.error("delivery %s not recorded: %s", delivery.id, exc)
+                return Admission.FULL
+            if not result.accepted:
+                return Admission.DUPLICATE
+            if result.outcome is RecordOutcome.RERUN:
+                log.info(
+                    "delivery %s redelivered after it finished: rerun", delivery.id
+                )
+            if self.held is not None:
+                self.held.append((result.seq, delivery))
+            else:
+                daemon.dispatcher.submit(result.seq, delivery)
         return Admission.ACCEPTED
 
 
@@ -325,7 +330,7 @@ class Daemon:
             delay = min(delay * 2, _CREDENTIALS_RETRY_MAX)
 
     async def _housekeeping(self) -> None:
-        next_prune = trio.current_time() + _PRUNE_INTERVAL
+        next_prune = trio.current_time()
         last_status = ""
         while True:
             stats = self.dispatcher.statistics()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins: list[str] = ["fixtures_emulator"]
+pytest_plugins: list[str] = ["fixtures_emulator", "fixtures_daemon"]
 
 WEBHOOK_FIXTURES = Path(__file__).parent / "fixtures" / "webhooks"
 
