@@ -12,9 +12,9 @@ Entries of ``listen``:
   descriptor whose ``FileDescriptorName=`` is ``NAME``.
 - ``"systemd"`` or ``"fd://"``: every inherited descriptor.
 
-hypercorn 0.18 accepts ``fd://N`` binds natively and, in
-``Config._create_sockets``, wraps the descriptor in a socket without
-binding it; ``hypercorn.trio.serve`` then serves it like any other bind.
+hypercorn 0.18 accepts ``fd://N`` binds natively. ``Config._create_sockets``
+wraps the descriptor in a socket without binding it, and
+``hypercorn.trio.serve`` then serves it like any other bind.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def resolve_binds(listen: Sequence[str], *, inherited: InheritedFds) -> list[str
     ``"HOST:PORT"`` entries are returned as given and ``fd://`` entries as
     ``"fd://N"``, in order and without duplicates. Raises
     :class:`~daemon.errors.ConfigError` listing every entry that is not a
-    known form, names a descriptor that was not inherited, or asks for
+    known form, names a descriptor that was not inherited, or requests
     inherited descriptors when there are none.
     """
     binds: list[str] = []

@@ -3,7 +3,7 @@
 Every record carries the context fields of :mod:`daemon.context`
 (``DELIVERY_ID``, ``INSTALLATION_ID``, ``EVENT``, ``JOB``, ``REPOSITORY``)
 and passes a redaction filter first, which replaces every secret the
-daemon holds and anything shaped like a GitHub token or a JWT with
+daemon has loaded and anything shaped like a GitHub token or a JWT with
 ``[REDACTED]``, in the message, its arguments, the exception text and the
 stack text.
 
@@ -125,8 +125,8 @@ class RedactingFilter(logging.Filter):
     The record is changed in place: ``msg`` becomes the formatted,
     redacted message, ``args`` becomes ``None``, and ``exc_text`` and
     ``stack_info`` are formatted and redacted, so every handler after it
-    sees only redacted text. ``secrets`` is called for every record and
-    returns the secrets held at that moment. When it raises, the whole
+    gets only redacted text. ``secrets`` is called for every record and
+    returns the secrets loaded at that moment. When it raises, the whole
     message and traceback are replaced, because nothing can tell which
     part is secret.
     """
@@ -234,10 +234,10 @@ class JournalHandler(logging.Handler):
     Fields: ``MESSAGE`` (with the traceback appended), ``PRIORITY``,
     ``SYSLOG_IDENTIFIER``, ``CODE_FILE``, ``CODE_LINE``, ``CODE_FUNC``,
     ``LOGGER``, ``EXCEPTION_TYPE`` when there is an exception, and the
-    context fields. When journald cannot be reached, or takes longer than
-    one second to take a datagram, the entry is written to ``fallback``
-    (default :data:`sys.stderr`) in console format instead; nothing is
-    raised from :meth:`emit`.
+    context fields. When journald cannot be reached, or does not take a
+    datagram within one second, the entry is written to ``fallback``
+    (default :data:`sys.stderr`) in console format instead. :meth:`emit`
+    raises nothing.
     """
 
     def __init__(
@@ -338,10 +338,10 @@ def encode_journal_fields(fields: Mapping[str, str]) -> bytes:
 
     A value without a newline is sent as ``KEY=value\\n``. A value with a
     newline uses the binary-safe form: ``KEY\\n``, the value's length as a
-    64-bit little-endian integer, the value, and ``\\n``. Field names must
-    be upper-case letters, digits and underscores, must not start with an
-    underscore or a digit, and are at most 64 characters long; a
-    :class:`ValueError` is raised otherwise.
+    64-bit little-endian integer, the value, and ``\\n``. Raises
+    :class:`ValueError` for a field name that is not upper-case letters,
+    digits and underscores, starts with an underscore or a digit, or is
+    longer than 64 characters.
     """
     parts = []
     for name, value in fields.items():
@@ -381,7 +381,7 @@ def _sealed_memfd(data: bytes) -> int:
 def _truncated(fields: Mapping[str, str]) -> bytes:
     # NOTE: only reached when memfd_create or sealing fails (kernels before
     # 3.17, or a seccomp filter that denies memfd_create); the entry keeps
-    # its first bytes and says how much was cut.
+    # its first bytes and states how much was cut.
     message = fields["MESSAGE"].encode("utf-8", "backslashreplace")
     cut = len(message) - _TRUNCATED_MESSAGE
     head = message[:_TRUNCATED_MESSAGE].decode("utf-8", "ignore")
@@ -426,9 +426,9 @@ def choose_format(
     """Resolve ``"auto"`` to the format that fits where ``stream`` goes.
 
     systemd.exec(5): ``JOURNAL_STREAM`` is ``DEVICE:INODE`` of the stream
-    connected to journald, and matching it against the ``st_dev`` and
-    ``st_ino`` of stderr tells that stderr still goes to the journal (a
-    shell redirect would change it). Then ``"journal"``; otherwise
+    connected to journald. When it matches the ``st_dev`` and ``st_ino``
+    of stderr, stderr still goes to the journal (a shell redirect would
+    change it). Then ``"journal"``; otherwise
     ``"console"`` on a terminal and ``"json"`` anywhere else. ``stream``
     defaults to :data:`sys.stderr`. Other values are returned as given.
     """

@@ -58,8 +58,9 @@ class Notifier:
         ``watchdog_usec`` is the watchdog timeout in microseconds, and
         ``watchdog_pid`` the process it is meant for (``None`` for this
         one); ``pid`` defaults to :func:`os.getpid`. An address that is
-        neither a path nor an abstract name (systemd 254 also passes
-        ``vsock:`` addresses) is logged and disables notifications.
+        neither a path nor an abstract name (recent systemd versions can
+        also pass ``vsock:`` addresses) is logged and disables
+        notifications.
         Raises :class:`ValueError` for a watchdog timeout that is not
         positive.
         """
@@ -138,10 +139,10 @@ class Notifier:
         """Send ``RELOADING=1`` with ``MONOTONIC_USEC=``; call :meth:`ready`
         when the reload has finished.
 
-        sd_notify(3) asks for the ``CLOCK_MONOTONIC`` time in microseconds
-        next to ``RELOADING=1``, so that systemd 253 and later can match
-        the reply to the reload it requested with ``Type=notify-reload``.
-        Older versions ignore the field.
+        sd_notify(3) documents ``MONOTONIC_USEC=``, the ``CLOCK_MONOTONIC``
+        time in microseconds, as the companion of ``RELOADING=1``: systemd
+        253 and later use it to match the reply to the reload they
+        requested with ``Type=notify-reload``. Older versions ignore it.
         """
         monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return await self.notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec}")
@@ -160,7 +161,7 @@ class Notifier:
                     socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                 )
             with trio.move_on_after(_SEND_TIMEOUT) as scope:
-                await self._socket.sendto(state.encode(), self._address)
+                await self._socket.sendto(state.encode(errors="replace"), self._address)
         except OSError as exc:
             log.warning(
                 "sending %r to notification socket %r failed: %s",
