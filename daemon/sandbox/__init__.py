@@ -12,6 +12,7 @@ from daemon.sandbox.emulator import (
     RecordedRequest,
     generate_app_key,
 )
+from daemon.sandbox.payloads import pull_request_opened
 
 __all__ = [
     "DEFAULT_EVENTS",
@@ -19,4 +20,5 @@ __all__ = [
     "Emulator",
     "RecordedRequest",
     "generate_app_key",
+    "pull_request_opened",
 ]

@@ -70,7 +70,11 @@ def _load_public_key(pem: bytes) -> rsa.RSAPublicKey:
     try:
         public = serialization.load_pem_public_key(pem)
     except ValueError:
-        private = serialization.load_pem_private_key(pem, password=None)
+        # The key is only read to take its public half, so the slow
+        # consistency check of the private numbers is skipped.
+        private = serialization.load_pem_private_key(
+            pem, password=None, unsafe_skip_rsa_key_validation=True
+        )
         public = private.public_key()
     if not isinstance(public, rsa.RSAPublicKey):
         raise TypeError("the App key must be an RSA key")
@@ -199,7 +203,7 @@ class Emulator:
         config.bind = [f"{host}:{port}"]
         config.include_date_header = False
         config.include_server_header = False
-        config.graceful_timeout = 0.1
+        config.graceful_timeout = 0.0
         config.accesslog = None
 
         async with trio.open_nursery() as nursery:
