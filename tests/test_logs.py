@@ -327,17 +327,17 @@ def test_token_in_stack_redacted() -> None:
 
 
 def test_live_secrets_followed(journal: _Journal, root_logger: logging.Logger) -> None:
-    held: set[str] = set()
+    loaded: set[str] = set()
     configure_logging(
         format="journal",
         level="info",
         journal_socket=journal.path,
-        secrets=lambda: held,
+        secrets=lambda: loaded,
     )
     log = logging.getLogger("ghappd.test")
 
     log.info("secret is %s", "s3cr3t-value")
-    held.add("s3cr3t-value")
+    loaded.add("s3cr3t-value")
     log.info("secret is %s", "s3cr3t-value")
 
     assert journal.receive()["MESSAGE"] == "secret is s3cr3t-value"
@@ -511,3 +511,23 @@ def test_configure_rejects_level() -> None:
 def test_configure_rejects_format() -> None:
     with pytest.raises(ValueError, match=r"^log format 'xml' is invalid"):
         configure_logging(format="xml", level="info")  # type: ignore[arg-type]
+
+
+def test_configure_auto_uses_journal(
+    journal: _Journal,
+    root_logger: logging.Logger,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with open(tmp_path / "stderr", "w") as stream:
+        status = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+
+        handler = configure_logging(
+            format="auto", level="info", journal_socket=journal.path, stream=stream
+        )
+        logging.getLogger("ghappd.test").info("to the journal")
+
+    assert isinstance(handler, JournalHandler)
+    assert journal.receive()["MESSAGE"] == "to the journal"
+    assert (tmp_path / "stderr").read_text() == ""
