@@ -1,22 +1,23 @@
-"""Count installation-token requests for a day's worth of jobs.
+"""Count installation-token requests for 1,000 jobs over 50 installations.
 
 Run ``.venv/bin/python bench/token_requests.py``. It starts the GitHub
 emulator on 127.0.0.1 with ``--installations`` installations (default 50)
 and spreads ``--jobs`` jobs (default 1,000) over them at random arrival
 times within ``--hours`` simulated hours (default 6). Each installation
-runs its jobs one at a time, as a lane does; a job lasts 30 s to
-``--max-job`` seconds (default 600), asks ``TokenCache.get()`` for a token
-valid until its end when it starts, and once more for each of ``--calls``
-API calls during the job (default 3, ``valid_for`` 30 s). The token
+runs its jobs one at a time, as a lane does. A job lasts 30 s to
+``--max-job`` seconds (default 600). When it starts it calls
+``TokenCache.get()`` for a token valid until its end, and it calls get()
+once more for each of ``--calls`` API calls during the job (default 3,
+``valid_for`` 30 s). The token
 refresher runs as the supervisor runs it, with the installations that
 have a job queued or running as its active set, unless ``--no-refresher``.
 
 Time is simulated with trio's ``MockClock(autojump_threshold=0)``, so a
-run takes seconds; the emulator mints tokens that live ``--token-ttl``
+run takes seconds. The emulator mints tokens that live ``--token-ttl``
 seconds (default 3600, GitHub's lifetime) by the Date it sends, and the
 cache measures that lifetime on the simulated clock.
 
-It prints the number of token requests the emulator answered, how many
+It prints the number of token requests the emulator received, how many
 of them a job's get() had to wait for, and the goal: for each
 installation, the fewest mints that cover every get() if each token
 served its whole lifetime (a new one only when a get() needs the token
@@ -194,7 +195,7 @@ def main() -> None:
         "--hours", type=float, default=6.0, help="simulated hours of job arrivals"
     )
     parser.add_argument(
-        "--max-job", type=float, default=600.0, help="longest job in seconds"
+        "--max-job", type=float, default=600.0, help="maximum job duration in seconds"
     )
     parser.add_argument("--calls", type=int, default=3, help="API calls per job")
     parser.add_argument(

@@ -408,7 +408,7 @@ async def test_skew_corrected_once(emulator: Emulator, github: GitHubClient) -> 
     )
     with pytest.raises(
         GitHubError,
-        match=r"^GitHub answered GET /app with 401: 'Issued at' claim .*"
+        match=r"^GitHub returned 401 for GET /app: 'Issued at' claim .*"
         r"taken from GitHub's Date header\); check this host's clock$",
     ):
         await github.verify_app()

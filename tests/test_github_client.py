@@ -114,7 +114,7 @@ async def test_retries_502_then_200(
     assert [r.status for r in emulator.requests] == [502, 200]
     retries = [m for m in _messages(caplog) if "retrying" in m]
     assert len(retries) == 1
-    assert retries[0].startswith("GitHub GET /app answered 502; retrying in ")
+    assert retries[0].startswith("GitHub GET /app returned 502; retrying in ")
     assert retries[0].endswith("(attempt 1 of 5)")
 
 
@@ -129,7 +129,7 @@ async def test_persistent_5xx_gives_up(
     start = trio.current_time()
 
     with pytest.raises(
-        GitHubUnavailable, match=r"^GitHub answered GET /app with 503 5 times"
+        GitHubUnavailable, match=r"^GitHub returned 503 for GET /app 5 times"
     ):
         await github.app_request("GET", "/app")
 
@@ -137,7 +137,7 @@ async def test_persistent_5xx_gives_up(
     # Backoff doubles from 1 s with jitter of up to half: at least 0.5+1+2+4.
     assert trio.current_time() - start >= 7.5
     messages = _messages(caplog)
-    assert messages[-1] == "GitHub GET /app answered 503 (attempt 5); giving up"
+    assert messages[-1] == "GitHub GET /app returned 503 (attempt 5); giving up"
 
 
 async def test_post_not_retried_unless_idempotent(
@@ -154,7 +154,9 @@ async def test_post_not_retried_unless_idempotent(
     path = f"/app/hook/deliveries/{delivery_id}/attempts"
     emulator.inject(method="POST", path=path, status=502, times=2)
 
-    with pytest.raises(GitHubError, match=r"^GitHub answered POST .* not idempotent$"):
+    with pytest.raises(
+        GitHubError, match=r"^GitHub returned 502 for POST .* not idempotent$"
+    ):
         await github.app_request("POST", path)
     assert _count(emulator, "POST", path) == 1
 
@@ -397,7 +399,7 @@ async def test_error_carries_github_message(
 ) -> None:
     with pytest.raises(
         GitHubError,
-        match=r"^GitHub answered GET /app/installations/999 with 404: Not Found$",
+        match=r"^GitHub returned 404 for GET /app/installations/999: Not Found$",
     ) as info:
         await github.app_request("GET", "/app/installations/999")
     assert info.value.status_code == 404

@@ -187,8 +187,8 @@ async def test_refresher_keeps_token_while_active(
             await trio.sleep(10 * 60)
         nursery.cancel_scope.cancel()
     stats = github.tokens.statistics()
-    # The first get() mints; the refresher renews each token once it has
-    # less than 600 s of use left: at about 49, 98 and 147 minutes.
+    # The first get() mints. The refresher renews each token once it has
+    # less than 600 s of use left, at about 49, 98 and 147 minutes.
     assert stats.mints - stats.refreshes == 1
     assert _mints(emulator) == 4
     assert stats.cached == 1

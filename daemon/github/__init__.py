@@ -2,7 +2,7 @@
 
 ``app`` loads the private key and signs the App JWT, ``tokens`` caches
 installation tokens, ``client`` sends requests with retries and rate-limit
-handling, and ``ratelimit`` reads GitHub's rate-limit answers.
+handling, and ``ratelimit`` parses GitHub's rate-limit responses.
 """
 
 from __future__ import annotations

@@ -46,12 +46,12 @@ log = logging.getLogger(__name__)
 
 SECONDS = 1.0
 
-# GitHub's rules for the App JWT, from "Generating a JSON Web Token (JWT)
+# GitHub's rules for the App JWT are in "Generating a JSON Web Token (JWT)
 # for a GitHub App" (docs.github.com/en/apps/creating-github-apps/
-# authenticating-with-a-github-app/generating-a-json-web-token-jwt-for-a-github-app):
-# RS256; `iat` set 60 seconds in the past against clock drift; `exp` no
-# more than 10 minutes into the future; `iss` the client ID (recommended)
-# or the App ID.
+# authenticating-with-a-github-app/generating-a-json-web-token-jwt-for-a-github-app).
+# It is signed with RS256, and `iat` is set 60 seconds in the past against
+# clock drift. `exp` may be at most 10 minutes ahead. `iss` is the client ID
+# (recommended) or the App ID.
 JWT_BACKDATE = 60 * SECONDS
 JWT_LIFETIME = 9 * 60 * SECONDS
 # A signed JWT is reused until it has less than this left.

@@ -7,7 +7,7 @@ transient failures and waits out rate limits. On top of that, a 401 for an
 installation token the cache still trusts evicts it, and the request is
 sent once more with a new token (:meth:`GitHubClient.installation_request`).
 
-Errors: :class:`GitHubError` for an error answer (the ``TokenError``
+Errors: :class:`GitHubError` for an error response (the ``TokenError``
 subclasses when minting fails), :class:`RateLimited` for a limit longer
 than the configured wait, :class:`GitHubUnavailable` when GitHub cannot be
 reached or keeps failing.
@@ -63,7 +63,7 @@ def _decode(response: httpx.Response, method: str, path: str) -> Any:
         return response.json()
     except ValueError:
         raise GitHubError(
-            f"GitHub answered {method} {path} with {response.status_code} and a "
+            f"GitHub returned {response.status_code} for {method} {path} with a "
             "body that is not JSON; check that api_url points at the REST API "
             "(GitHub Enterprise Server: https://HOST/api/v3)",
             status_code=response.status_code,
@@ -80,8 +80,8 @@ class GitHubClient:
     requests in flight (GitHub's secondary limits allow at most 100
     concurrent requests, per "Rate limits for the REST API").
     ``max_rate_limit_wait`` (seconds) is the longest rate-limit wait that is
-    sat out; ``max_attempts`` bounds the tries of one request after
-    transient failures, with backoff doubling from ``backoff_initial`` up to
+    waited out. ``max_attempts`` bounds the tries of one request after
+    transient failures. Their backoff doubles from ``backoff_initial`` up to
     ``backoff_max`` seconds. ``timeout`` applies to each request (seconds).
     The token options are passed to :class:`TokenCache`. ``transport`` is for
     tests.
@@ -188,7 +188,7 @@ class GitHubClient:
 
         ``idempotent`` defaults to True for every method except POST. Return
         None for an empty body. Raise :class:`GitHubError` for an error
-        answer, :class:`RateLimited` and :class:`GitHubUnavailable` as
+        response, :class:`RateLimited` and :class:`GitHubUnavailable` as
         described in the module docstring.
         """
         response = await self._send_as_app(
@@ -359,7 +359,7 @@ class GitHubClient:
                 **kwargs,
             )
         if exc.status_code == 401:
-            # GitHub answers "A JSON web token could not be decoded" both for
+            # GitHub returns "A JSON web token could not be decoded" both for
             # a key of another App and for a wrong App id with a valid key.
             return GitHubError(
                 f"GitHub did not accept the App JWT for issuer {issuer!r} "
@@ -397,7 +397,7 @@ class GitHubClient:
             or not isinstance(expires_text, str)
         ):
             raise GitHubError(
-                f"GitHub's answer to POST {path} has no token or expires_at",
+                f"GitHub's response to POST {path} has no token or expires_at",
                 status_code=response.status_code,
                 installation_id=installation_id,
                 method="POST",
@@ -407,7 +407,7 @@ class GitHubClient:
             expires_at = datetime.fromisoformat(expires_text)
         except ValueError:
             raise GitHubError(
-                f"GitHub's answer to POST {path} has an invalid expires_at "
+                f"GitHub's response to POST {path} has an invalid expires_at "
                 f"{expires_text!r}",
                 status_code=response.status_code,
                 installation_id=installation_id,
@@ -490,7 +490,7 @@ class GitHubClient:
                     raise
                 if round_number == 2:
                     log.warning(
-                        "GitHub %s %s answered 401 to a new token of installation "
+                        "GitHub %s %s returned 401 for a new token of installation "
                         "%s; giving up",
                         method,
                         path,
@@ -508,7 +508,7 @@ class GitHubClient:
                     ) from None
                 self.tokens.evict(token)
                 log.warning(
-                    "GitHub %s %s answered 401 to a cached token of installation "
+                    "GitHub %s %s returned 401 for a cached token of installation "
                     "%s (revoked?); retrying once with a new token",
                     method,
                     path,

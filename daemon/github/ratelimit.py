@@ -1,4 +1,4 @@
-"""Recognise GitHub's rate-limit answers and how long each asks to wait.
+"""Recognise GitHub's rate-limit responses and the wait each one requests.
 
 The rules are from "Rate limits for the REST API", section "Exceeding the
 rate limit" (docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api):
@@ -35,7 +35,7 @@ SECONDARY_MAX_WAIT = 15 * 60 * SECONDS
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """A rate-limit answer: which limit, and how long to wait (seconds)."""
+    """A rate-limit response: which limit, and how long to wait (seconds)."""
 
     limit: str
     wait: float
@@ -95,7 +95,7 @@ def parse_rate_limit(
 
     ``headers`` is a case-insensitive mapping (``httpx.Headers``). ``now``
     is GitHub's current Unix time (see :func:`server_time`).
-    ``secondary_hits`` counts consecutive secondary-limit answers without
+    ``secondary_hits`` counts consecutive secondary-limit responses without
     headers, starting at 1; each doubles the wait from one minute.
     """
     if status_code not in (403, 429):

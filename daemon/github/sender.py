@@ -2,7 +2,7 @@
 
 :class:`Sender` is the loop behind every ``GitHubClient`` call:
 
-- connection errors, timeouts and 5xx answers are retried with bounded
+- connection errors, timeouts and 5xx responses are retried with bounded
   exponential backoff and jitter, then raise :class:`GitHubUnavailable`.
   A POST is retried only when the caller marks it idempotent, unless the
   connection failed before the request was sent;
@@ -11,9 +11,9 @@
   wait is kept per installation, and per App for JWT calls, so a limited
   installation holds back only its own requests;
 - a 401 that rejects the JWT's time claims sets the clock offset from the
-  answer's ``Date`` header, and the request is sent once more.
+  response's ``Date`` header, and the request is sent once more.
 
-Any other error answer raises :class:`GitHubError` with GitHub's message.
+Any other error response raises :class:`GitHubError` with GitHub's message.
 Log records name the method, path, status and attempt, never a credential.
 """
 
@@ -274,7 +274,7 @@ class Sender:
                 limit, call, wait=limit.wait, headers=response.headers
             )
         log.warning(
-            "GitHub %s %s answered %d: %s for %s; waiting %.0f s until %s "
+            "GitHub %s %s returned %d: %s for %s; waiting %.0f s until %s "
             "(attempt %d of %d)",
             call.method,
             call.path,
@@ -297,10 +297,10 @@ class Sender:
         headers: Mapping[str, str] | None = None,
     ) -> RateLimited:
         if wait > self.max_rate_limit_wait:
-            why = f"longer than max_rate_limit_wait {self.max_rate_limit_wait:.0f} s"
+            cause = f"longer than max_rate_limit_wait {self.max_rate_limit_wait:.0f} s"
             fix = "Retry after the reset, or raise max_rate_limit_wait"
         else:
-            why = f"still limited after {call.limited} attempts"
+            cause = f"still limited after {call.limited} attempts"
             fix = "Retry after the reset, or send fewer requests"
         log.warning(
             "GitHub %s %s is held back by the %s for %s until %s (%.0f s, %s); "
@@ -311,12 +311,12 @@ class Sender:
             call.who,
             limit.reset_at.isoformat(),
             wait,
-            why,
+            cause,
         )
         return RateLimited(
             f"GitHub's {limit.limit} for {call.who} is exhausted until "
             f"{limit.reset_at.isoformat()} ({wait:.0f} s, announced by "
-            f"{limit.announced_by}), {why}; {call.method} {call.path} was not "
+            f"{limit.announced_by}), {cause}; {call.method} {call.path} was not "
             f"sent. {fix}",
             limit=limit.limit,
             reset_at=limit.reset_at,
@@ -335,7 +335,7 @@ class Sender:
         if call.idempotent and call.failures < self.max_attempts:
             delay = self._jittered(call.failures)
             log.warning(
-                "GitHub %s %s answered %d; retrying in %.1f s (attempt %d of %d)",
+                "GitHub %s %s returned %d; retrying in %.1f s (attempt %d of %d)",
                 call.method,
                 call.path,
                 status,
@@ -347,7 +347,7 @@ class Sender:
             return
 
         log.warning(
-            "GitHub %s %s answered %d (attempt %d); giving up",
+            "GitHub %s %s returned %d (attempt %d); giving up",
             call.method,
             call.path,
             status,
@@ -355,12 +355,12 @@ class Sender:
         )
         if call.idempotent:
             raise GitHubUnavailable(
-                f"GitHub answered {call.method} {call.path} with {status} "
+                f"GitHub returned {status} for {call.method} {call.path} "
                 f"{call.attempt} times ({message}); GitHub is failing, try again "
                 "later"
             )
         raise GitHubError(
-            f"GitHub answered {call.method} {call.path} with {status} ({message}); "
+            f"GitHub returned {status} for {call.method} {call.path} ({message}); "
             "not retried because the request is not idempotent",
             status_code=status,
             installation_id=call.installation_id,
@@ -380,7 +380,7 @@ class Sender:
                 "taken from GitHub's Date header); check this host's clock"
             )
         return GitHubError(
-            f"GitHub answered {call.method} {call.path} with {status}: {message}{hint}",
+            f"GitHub returned {status} for {call.method} {call.path}: {message}{hint}",
             status_code=status,
             installation_id=call.installation_id,
             method=call.method,

@@ -10,7 +10,7 @@ one mint per token lifetime. The cache does no HTTP itself: it calls the
 ``mint`` function it is given (``GitHubClient.mint_token``).
 
 Expiry is tracked on the trio clock: a token's lifetime is measured against
-the ``Date`` of the answer that carried it, so a skewed local clock does not
+the ``Date`` of the response that carried it, so a skewed local clock does not
 shorten or stretch it, and tests can move time with ``autojump_clock``.
 """
 
@@ -136,9 +136,9 @@ class MintFunction(Protocol):
 def classify_mint_failure(
     installation_id: int, scope: Scope, error: GitHubError
 ) -> GitHubError:
-    """Turn a failed mint answer into the :class:`TokenError` that explains it.
+    """Turn a failed mint response into the :class:`TokenError` that explains it.
 
-    GitHub answers 404 for an unknown or uninstalled installation, 403
+    GitHub returns 404 for an unknown or uninstalled installation, 403
     "This installation has been suspended", and 422 when a repository is
     not in the installation or a permission was not granted. Any other
     error is returned unchanged.
@@ -287,8 +287,8 @@ class TokenCache:
         """Return a token for the installation that stays valid ``valid_for`` s.
 
         The cached token is returned when it has ``valid_for`` plus the
-        safety margin left; otherwise one is minted, and concurrent callers
-        for the same installation and scope wait for that one request.
+        safety margin left. Otherwise a new one is minted, and concurrent
+        callers for the same installation and scope share that one request.
 
         Raise the :class:`TokenError` subclass that explains a refused mint
         (at once, without a request, for an installation remembered as
@@ -394,7 +394,7 @@ class TokenCache:
     def evict(self, token: Token) -> bool:
         """Drop ``token`` from the cache if it is still the cached one.
 
-        Call this when GitHub answers 401 for a token the cache trusts
+        Call this when GitHub returns 401 for a token the cache trusts
         (revoked). Return True if it was dropped.
         """
         key = (token.installation_id, token.scope)
@@ -419,11 +419,12 @@ class TokenCache:
     def forget(self, installation_id: int, *, suspended: bool = False) -> None:
         """Drop every cached token of the installation.
 
-        A mint in flight still answers its waiting callers, but its token is
-        not cached. With ``suspended=True`` the installation is remembered as
-        suspended: :meth:`get` raises :class:`InstallationSuspended` without
-        a request until :meth:`unsuspended`. A mint that GitHub refuses as
-        suspended has the same effect.
+        A mint in flight still returns its token to the waiting callers, but
+        that token is not cached. With ``suspended=True`` the installation is
+        remembered as suspended, and :meth:`get` raises
+        :class:`InstallationSuspended` without a request until
+        :meth:`unsuspended`. A mint that GitHub rejects as suspended has the
+        same effect.
         """
         self._generation[installation_id] = self._gen(installation_id) + 1
         dropped = self._drop_installation(installation_id)
