@@ -42,7 +42,7 @@ class Notifier:
     when there is no notification socket or sending failed. A failed send
     is logged and never raised: systemd acts on a missing ``READY=1`` or
     ``WATCHDOG=1`` itself, by its own timeouts. Cancellation while a send
-    waits for buffer space drops that notification.
+    waits for buffer space drops that notification and propagates.
     """
 
     def __init__(
@@ -73,7 +73,7 @@ class Notifier:
         self._watchdog_usec = watchdog_usec
         self._watchdog_pid = watchdog_pid
         self._pid = os.getpid() if pid is None else pid
-        self._socket: trio.socket.SocketType | None = None
+        self._socket: socket.socket | None = None
 
     @classmethod
     def from_environ(
@@ -152,17 +152,27 @@ class Notifier:
         return await self.notify("WATCHDOG=1")
 
     async def notify(self, state: str) -> bool:
-        """Send ``state``, newline-separated assignments, as one datagram."""
+        """Send ``state``, newline-separated assignments, as one datagram.
+
+        When the socket has room, the datagram goes out before any
+        checkpoint, so ``STOPPING=1`` is sent even from a cancelled scope.
+        Otherwise it waits, up to 5 seconds, for the socket to be writable.
+        """
         if self._address is None:
             return False
+        data = state.encode(errors="replace")
         try:
-            if self._socket is None:
-                self._socket = trio.socket.socket(
-                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-                )
-            with trio.move_on_after(_SEND_TIMEOUT) as scope:
-                await self._socket.sendto(state.encode(errors="replace"), self._address)
+            sock = self._connect(self._address)
+            if _send_nowait(sock, data):
+                return True
+            with trio.move_on_after(_SEND_TIMEOUT):
+                while True:
+                    await trio.lowlevel.wait_writable(sock)
+                    if _send_nowait(sock, data):
+                        return True
         except OSError as exc:
+            # A new socket next time, in case systemd replaced its own.
+            self.close()
             log.warning(
                 "sending %r to notification socket %r failed: %s",
                 _first_name(state),
@@ -170,15 +180,13 @@ class Notifier:
                 exc,
             )
             return False
-        if scope.cancelled_caught:
-            log.warning(
-                "sending %r to notification socket %r timed out after %.0f s",
-                _first_name(state),
-                _display(self._address),
-                _SEND_TIMEOUT,
-            )
-            return False
-        return True
+        log.warning(
+            "sending %r to notification socket %r timed out after %.0f s",
+            _first_name(state),
+            _display(self._address),
+            _SEND_TIMEOUT,
+        )
+        return False
 
     async def run_watchdog(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -204,11 +212,35 @@ class Notifier:
         finally:
             log.info("watchdog stopped")
 
+    def _connect(self, address: str | bytes) -> socket.socket:
+        # Connected, because Linux's poll() on an AF_UNIX datagram socket
+        # waits for room in the receiver's queue only when it is connected.
+        if self._socket is None:
+            sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+            )
+            try:
+                sock.setblocking(False)
+                sock.connect(address)
+            except OSError:
+                sock.close()
+                raise
+            self._socket = sock
+        return self._socket
+
     def close(self) -> None:
         """Close the socket; a later notification opens a new one."""
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def _send_nowait(sock: socket.socket, data: bytes) -> bool:
+    try:
+        sock.send(data)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _parse_address(notify_socket: str | None) -> str | bytes | None:

@@ -215,3 +215,67 @@ async def test_watchdog_without_pid_pings(
         nursery.cancel_scope.cancel()
 
     assert notifier.watchdog_interval == 1.0
+
+
+async def test_stopping_sent_when_cancelled(path_receiver: _Receiver) -> None:
+    notifier = Notifier(notify_socket=path_receiver.address)
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        sent = await notifier.stopping()
+
+    assert sent
+    assert await path_receiver.receive() == "STOPPING=1"
+
+
+def _fill_queue(address: str) -> int:
+    count = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        filler.setblocking(False)
+        filler.connect(address)
+        while True:
+            try:
+                filler.send(b"FILL=1")
+            except BlockingIOError:
+                return count
+            count += 1
+
+
+async def test_full_queue_waits_for_room(path_receiver: _Receiver) -> None:
+    notifier = Notifier(notify_socket=path_receiver.address)
+    await notifier.status("connected")
+    assert await path_receiver.receive() == "STATUS=connected"
+    queued = _fill_queue(path_receiver.address)
+    results: list[bool] = []
+
+    async def send_ready() -> None:
+        results.append(await notifier.ready())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_ready)
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == []
+            messages = [await path_receiver.receive() for _ in range(queued + 1)]
+
+    assert results == [True]
+    assert messages[:queued] == ["FILL=1"] * queued
+    assert messages[queued] == "READY=1"
+
+
+async def test_full_queue_times_out(
+    path_receiver: _Receiver,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    notifier = Notifier(notify_socket=path_receiver.address)
+    await notifier.status("connected")
+    _fill_queue(path_receiver.address)
+
+    start = trio.current_time()
+    with caplog.at_level(logging.WARNING, logger="daemon.notify"):
+        sent = await notifier.ready()
+
+    assert not sent
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert "timed out" in caplog.text
