@@ -1,26 +1,14 @@
-# Both targets create .venv on first use; only Python 3.11+ and git are needed.
-PYTHON ?= python3
-VENV := .venv
-BIN := $(VENV)/bin
+# Shortcuts for ./dev.sh, which creates .venv on first use.
+.PHONY: sandbox test lint
 
-.PHONY: sandbox test lint bench
+sandbox:
+	./dev.sh sandbox
 
-$(BIN)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $@
+test:
+	./dev.sh test
 
-sandbox: $(BIN)/.installed
-	$(BIN)/ghappd sandbox
-
-test: $(BIN)/.installed
-	$(BIN)/pytest
-
-lint: $(BIN)/.installed
-	$(BIN)/ruff check daemon tests bench
-	$(BIN)/ruff format --check daemon tests bench
-	$(BIN)/mypy
-
-bench: $(BIN)/.installed
-	$(BIN)/python -m bench
+lint:
+	./dev.sh test --co -q >/dev/null
+	.venv/bin/ruff check daemon tests bench
+	.venv/bin/ruff format --check daemon tests bench
+	.venv/bin/mypy
