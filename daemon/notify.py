@@ -9,8 +9,8 @@ byte). Without ``$NOTIFY_SOCKET`` every method does nothing, so the daemon
 runs the same outside systemd.
 
 The watchdog task pings only from inside the trio loop: when the loop is
-blocked it cannot ping, and systemd restarts the service after
-``WatchdogSec=``.
+blocked it cannot ping, so after ``WatchdogSec=`` systemd kills the
+service with SIGABRT, and ``Restart=on-failure`` starts it again.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ __all__ = ["Notifier"]
 
 log = logging.getLogger(__name__)
 
-# A send waits at most this long for room in the socket's queue. systemd
-# reads its notification socket promptly, so hitting it means the service
-# manager is stuck; the notification is dropped and logged.
+# A send waits at most this long for room in the receiver's queue. systemd
+# reads its notification socket promptly, so a timeout means the service
+# manager is stuck. The notification is then dropped and logged.
 _SEND_TIMEOUT = 5.0
 
 _ENVIRONMENT_NAMES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -38,8 +38,8 @@ _ENVIRONMENT_NAMES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 class Notifier:
     """Send sd_notify notifications to the service manager.
 
-    Every method returns ``True`` when the datagram was sent and ``False``
-    when there is no notification socket or sending failed. A failed send
+    The notification methods return ``True`` when the datagram was sent
+    and ``False`` when there is no notification socket or sending failed. A failed send
     is logged and never raised: systemd acts on a missing ``READY=1`` or
     ``WATCHDOG=1`` itself, by its own timeouts. Cancellation while a send
     waits for buffer space drops that notification and propagates.
