@@ -179,10 +179,21 @@ async def test_get_app_rejects_long_lived_jwt(
     client: httpx.AsyncClient, app_key_pem: bytes
 ) -> None:
     now = int(time.time())
-    headers = jwt_headers(app_key_pem, iat=now - 60, exp=now + 600)
+    headers = jwt_headers(app_key_pem, iat=now - 60, exp=now + 700)
     response = await client.get("/app", headers=headers)
     assert response.status_code == 401
     assert response.json()["message"].endswith("is too far in the future")
+
+
+async def test_get_app_accepts_documented_claims(
+    client: httpx.AsyncClient, app_key_pem: bytes
+) -> None:
+    # iat 60 s back and exp 10 minutes ahead, as GitHub's documentation
+    # example sets them.
+    now = int(time.time())
+    headers = jwt_headers(app_key_pem, iat=now - 60, exp=now + 600)
+    response = await client.get("/app", headers=headers)
+    assert response.status_code == 200
 
 
 async def test_get_app_rejects_wrong_issuer(
@@ -190,6 +201,16 @@ async def test_get_app_rejects_wrong_issuer(
 ) -> None:
     response = await client.get("/app", headers=jwt_headers(app_key_pem, iss=1))
     assert response.status_code == 401
+    assert response.json()["message"] == "Integration not found"
+
+
+async def test_get_app_accepts_client_id_issuer(
+    client: httpx.AsyncClient, emulator: Emulator, app_key_pem: bytes
+) -> None:
+    headers = jwt_headers(app_key_pem, iss=emulator.client_id)
+    response = await client.get("/app", headers=headers)
+    assert response.status_code == 200
+    assert response.json()["client_id"] == emulator.client_id
 
 
 async def test_get_app_without_auth(client: httpx.AsyncClient) -> None:

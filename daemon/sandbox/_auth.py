@@ -1,11 +1,10 @@
 """Installations and the access tokens the emulator mints for them.
 
 The rules follow GitHub's "Create an installation access token for an app"
-and "Authenticating as a GitHub App installation": a token lives for a
-fixed time, may be narrowed to some of the installation's repositories and
-permissions but never widened, stops working when it is revoked or the
-App is uninstalled, and is refused with 403 while the installation is
-suspended.
+and "Authenticating as a GitHub App installation". A token lives for a
+fixed time. It may be narrowed to some of the installation's repositories
+and permissions but never widened. It stops working when it is revoked or
+the App is uninstalled, and gets 403 while the installation is suspended.
 """
 
 from __future__ import annotations
@@ -121,9 +120,9 @@ class TokenAuthority:
                 token.revoked = True
 
     def mint(self, installation_id: int, body: object) -> dict[str, Any]:
-        """Mint a token for a request body and return the 201 answer.
+        """Mint a token for a request body and return the 201 response body.
 
-        Raises the APIError GitHub answers: 404 for an unknown installation,
+        Raises the APIError with GitHub's status: 404 for an unknown installation,
         403 for a suspended one, 422 for a repository or permission the
         installation was not granted.
         """
@@ -156,19 +155,19 @@ class TokenAuthority:
         )
         log.info("token minted for installation %d", installation_id)
 
-        answer: dict[str, Any] = {
+        response: dict[str, Any] = {
             "token": value,
             "expires_at": iso8601(expires_at),
             "permissions": dict(permissions),
             "repository_selection": "all" if scope is None else "selected",
         }
         if scope is not None:
-            answer["repositories"] = [
+            response["repositories"] = [
                 self._repositories[name]
                 for name in sorted(scope)
                 if name in self._repositories
             ]
-        return answer
+        return response
 
     def _requested_scope(
         self, installation: Installation, body: dict[str, Any]
@@ -235,8 +234,8 @@ class TokenAuthority:
     ) -> Token:
         """Check an ``Authorization`` header for a repository API request.
 
-        Accepts ``token X`` and ``Bearer X``. Raises the APIError GitHub
-        answers: 401 ``Bad credentials`` for a token that is unknown,
+        Accepts ``token X`` and ``Bearer X``. Raises the APIError with
+        GitHub's status: 401 ``Bad credentials`` for a token that is unknown,
         expired or revoked, 403 while the installation is suspended, 404
         for a repository that does not exist, 403 ``Resource not accessible
         by integration`` when the token's repositories or permissions

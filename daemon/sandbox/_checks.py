@@ -1,10 +1,10 @@
 """Check-run bodies: GitHub's validation rules and how an update applies.
 
 The rules are those of "Create a check run" and "Update a check run" in
-GitHub's REST reference (API version 2022-11-28): at most 50 annotations
-per request, ``output.summary`` and ``output.text`` at most 65535
-characters, a conclusion for every completed run, and a ``conclusion``
-that sets the status to ``completed`` by itself.
+GitHub's REST reference (API version 2022-11-28). A request carries at
+most 50 annotations. ``output.summary`` and ``output.text`` are at most
+65535 characters. A completed run needs a conclusion, and a
+``conclusion`` sets the status to ``completed`` by itself.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def _annotation(index: int, item: object) -> dict[str, Any]:
     unknown = set(item) - _ANNOTATION_KEYS
     if unknown:
         raise invalid(f"{where} has unknown keys {sorted(unknown)!r}.")
+
     for key in ("path", "start_line", "end_line", "annotation_level", "message"):
         if key not in item:
             raise invalid(f"{where} is missing the required key {key!r}.")
@@ -81,6 +82,7 @@ def _annotation(index: int, item: object) -> dict[str, Any]:
     for key in ("start_line", "end_line", "start_column", "end_column"):
         if key in item and not _is_int(item[key]):
             raise invalid(f"{where}.{key} must be an integer, not {item[key]!r}.")
+
     if item["end_line"] < item["start_line"]:
         raise invalid(f"{where}.end_line must not be less than start_line.")
     has_columns = "start_column" in item or "end_column" in item
@@ -89,6 +91,7 @@ def _annotation(index: int, item: object) -> dict[str, Any]:
             f"{where}: start_column and end_column are only allowed when "
             "start_line equals end_line."
         )
+
     if item["annotation_level"] not in _LEVELS:
         raise invalid(
             f"{where}.annotation_level must be one of notice, warning, failure, "
@@ -136,7 +139,7 @@ def apply_check_run(
     ``run`` is the stored check run (with its ``annotations`` list); it is
     not changed. ``now`` is the ISO 8601 time that fills ``completed_at``
     when a request completes the run without one. Raises the 422 APIError
-    that GitHub answers for an invalid body.
+    that GitHub returns for an invalid body.
     """
     if not isinstance(body, dict):
         raise invalid(f"the body must be a JSON object, not {body!r}.")

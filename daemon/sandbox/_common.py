@@ -1,4 +1,4 @@
-"""Error answers and timestamp formats shared by the emulator's routes."""
+"""Error responses and timestamp formats shared by the emulator's routes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ DOCS_URL = "https://docs.github.com/rest"
 
 
 class APIError(Exception):
-    """An error answer: GitHub's ``{"message", "documentation_url"}`` body.
+    """An error response with GitHub's ``{"message", "documentation_url"}`` body.
 
     ``extra`` adds keys to the body (for example ``errors``); ``headers``
     adds response headers (for example ``WWW-Authenticate``).
@@ -37,7 +37,7 @@ class APIError(Exception):
 
 
 def invalid(detail: str) -> APIError:
-    """Return the 422 GitHub answers for a body that fails its schema."""
+    """Return the 422 GitHub returns for a body that fails its schema."""
     return APIError(422, f"Invalid request.\n\n{detail}")
 
 

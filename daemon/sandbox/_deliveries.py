@@ -1,7 +1,7 @@
 """The App's hook deliveries: the list GitHub keeps, and sending them again.
 
 GitHub's "List deliveries for an app webhook" returns the newest delivery
-first and pages with an opaque ``cursor`` named in the ``Link`` header;
+first and pages with an opaque ``cursor`` named in the ``Link`` header.
 "Redeliver a delivery for an app webhook" sends the stored payload again
 with the same ``X-GitHub-Delivery`` guid and records a new delivery with
 ``redelivery: true``.
@@ -151,7 +151,7 @@ class HookDeliveries:
         """Send a recorded delivery again; return the new delivery's id.
 
         The attempt is recorded in ``redelivery_attempts`` first, whether or
-        not the receiver answers. Raises a 404 APIError for an unknown id.
+        not the receiver responds. Raises a 404 APIError for an unknown id.
         """
         original = next(
             (item for item in self.deliveries if item["id"] == delivery_id), None
@@ -202,7 +202,7 @@ class HookDeliveries:
         """POST one delivery to ``webhook_url``; return its status, 0 if unreachable.
 
         The headers are those GitHub's "Webhook events and payloads" lists
-        under "Delivery headers". The receiver gets 10 seconds to answer.
+        under "Delivery headers". The receiver gets 10 seconds to respond.
         """
         if self.webhook_url is None:
             log.info("delivery %s not sent: webhook_url is not set", guid)
@@ -226,5 +226,5 @@ class HookDeliveries:
         except httpx.HTTPError as exc:
             log.info("delivery %s to %s failed: %r", guid, self.webhook_url, exc)
             return 0
-        log.info("delivery %s answered %d", guid, response.status_code)
+        log.info("delivery %s got status %d", guid, response.status_code)
         return response.status_code

@@ -72,7 +72,7 @@ def _review_comment(index: int, item: object) -> dict[str, Any]:
 def review_request(body: object) -> tuple[str | None, str, list[dict[str, Any]]]:
     """Return a review request's event, body text and inline comments.
 
-    Raises the 422 APIError GitHub answers for an unknown event, a missing
+    Raises the 422 APIError GitHub returns for an unknown event, a missing
     body, or an inline comment without a path, body, or position or line.
     """
     if not isinstance(body, dict):
@@ -93,9 +93,9 @@ def review_request(body: object) -> tuple[str | None, str, list[dict[str, Any]]]
     if not isinstance(comments, list):
         raise invalid("'comments' must be an array.")
     checked = [_review_comment(index, item) for index, item in enumerate(comments)]
-    # NOTE: the reference says COMMENT needs a body; a COMMENT review with
-    # only inline comments and no body is accepted here, as github.com
-    # accepts it.
+    # NOTE: the REST reference requires a body for COMMENT too. A COMMENT
+    # review with inline comments and no body is accepted here, as
+    # github.com accepts it.
     needs_body = event == "REQUEST_CHANGES" or (event == "COMMENT" and not checked)
     if needs_body and not text:
         raise APIError(

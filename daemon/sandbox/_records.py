@@ -1,4 +1,4 @@
-"""What the emulator records of each request, and the faults it injects."""
+"""Records of the requests the emulator served, and the faults it injects."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ __all__ = ["Fault", "RecordedRequest"]
 
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
-    """One request the emulator answered.
+    """One request the emulator responded to.
 
     ``time`` is the emulator's clock in Unix seconds when the request
     arrived. ``installation_id`` is set when an installation token
@@ -36,7 +36,7 @@ class RecordedRequest:
 
 @dataclass(slots=True)
 class Fault:
-    """An injected answer and how many more requests it answers."""
+    """An injected response and how many more requests it is used for."""
 
     method: str
     path: str
@@ -47,7 +47,7 @@ class Fault:
     delay: float
 
     def matches(self, method: str, path: str) -> bool:
-        """Return whether the fault answers a request for ``method`` ``path``."""
+        """Return whether the fault applies to a request for ``method`` ``path``."""
         if self.method not in {"*", method}:
             return False
         return fnmatch.fnmatchcase(path, self.path)

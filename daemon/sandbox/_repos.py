@@ -90,7 +90,10 @@ class RepositoryStore:
         )
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace").strip()
-            raise RuntimeError(f"{' '.join(argv[3:5])} failed: {stderr}")
+            command = next(arg for arg in argv[1:] if not arg.startswith("-"))
+            if argv[1] == "--git-dir":
+                command = argv[3]
+            raise RuntimeError(f"git {command} failed with {stderr!r}")
         return result.stdout.decode().strip()
 
     def create(

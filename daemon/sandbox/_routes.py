@@ -1,8 +1,8 @@
 """The emulator's quart-trio app: one route per GitHub endpoint it serves.
 
-Every answer gets a ``Date`` header from the emulator's clock and is
+Every response gets a ``Date`` header from the emulator's clock and is
 recorded in ``Emulator.requests``. Unknown paths and methods get GitHub's
-404 body. Injected faults answer before any route or authentication runs.
+404 body. Injected faults respond before any route or authentication runs.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ async def _serve_git(emulator: Emulator, owner: str, repo: str, rest: str) -> Re
     if full_name not in emulator.repositories:
         raise APIError(404, "Repository not found.")
 
-    answer = await _git_http.run_http_backend(
+    cgi = await _git_http.run_http_backend(
         project_root=emulator.store.root,
         path_info=f"/{full_name}.git/{rest}",
         method=request.method,
@@ -165,7 +165,7 @@ async def _serve_git(emulator: Emulator, owner: str, repo: str, rest: str) -> Re
         git_protocol=request.headers.get("Git-Protocol"),
         body=await _raw_body(),
     )
-    return Response(answer.body, status=answer.status, headers=answer.headers)
+    return Response(cgi.body, status=cgi.status, headers=cgi.headers)
 
 
 def build_app(emulator: Emulator) -> QuartTrio:
@@ -188,7 +188,7 @@ def build_app(emulator: Emulator) -> QuartTrio:
 
 def _add_hooks(app: QuartTrio, emulator: Emulator) -> None:
     @app.before_request
-    async def answer_injected_fault() -> Response | None:
+    async def respond_with_fault() -> Response | None:
         g.arrived = emulator.now()
         g.installation_id = None
         fault = emulator.take_fault(request.method, request.path)
@@ -417,8 +417,8 @@ def _add_delivery_routes(app: QuartTrio, emulator: Emulator) -> None:
 
     @app.post("/app/hook/deliveries/<int:delivery_id>/attempts")
     async def redeliver(delivery_id: int) -> Any:
-        # GitHub answers 202 and sends later; the emulator sends before it
-        # answers, so a test sees the redelivery once the request returns.
+        # GitHub responds 202 and sends later. The emulator sends before it
+        # responds, so a test sees the redelivery once the request returns.
         emulator.verify_jwt(request.headers.get("Authorization", ""))
         await emulator.hooks.redeliver(delivery_id)
         return {}, 202

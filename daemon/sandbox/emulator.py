@@ -7,7 +7,7 @@ serves bare repositories through ``git http-backend`` behind Basic auth that
 accepts only the tokens it minted. Tests set its state up through the
 methods below and read what clients did from its public attributes.
 
-Answers follow GitHub's REST API, version 2022-11-28: the same status codes
+Responses follow GitHub's REST API, version 2022-11-28: the same status codes
 and the same ``{"message", "documentation_url"}`` error bodies. Time comes
 from the emulator's own clock, ``time.time() + clock_offset``: it stamps the
 ``Date`` header, checks JWT time claims and expires tokens, so a test moves
@@ -86,7 +86,7 @@ class Emulator:
 
     ``public_key`` is the App's public key PEM, or its private key PEM from
     which the public key is taken. ``repos_root`` is the directory that
-    holds the bare repositories as ``owner/name.git``. ``webhook_url`` and
+    contains the bare repositories as ``owner/name.git``. ``webhook_url`` and
     ``webhook_secret`` are where and how hook deliveries are sent; both may
     be set after construction.
     """
@@ -176,7 +176,7 @@ class Emulator:
 
     @property
     def repos_root(self) -> Path:
-        """The directory that holds the bare repositories."""
+        """The directory that contains the bare repositories."""
         return self.store.root
 
     def now(self) -> float:
@@ -366,7 +366,7 @@ class Emulator:
         on the request path, without the query string. ``body`` is sent as
         is when it is ``bytes`` or ``str``, as JSON otherwise, and as
         GitHub's error shape with the status's reason when None. ``delay``
-        is the seconds the emulator waits before it answers. Faults match
+        is the seconds the emulator waits before it responds. Faults match
         in the order they were injected, before authentication is checked,
         and the request is recorded with the injected status.
         """
@@ -545,10 +545,12 @@ class Emulator:
             "pull_requests": [],
             "annotations": [],
         }
+
         run = _checks.apply_check_run(blank, body, now=now, creating=True)
         sha = run["head_sha"]
         if await self.store.resolve_async(full_name, sha) != sha:
             raise APIError(422, f"No commit found for SHA: {sha}")
+
         suite = self.check_suites.setdefault((full_name, sha), next(self.ids))
         run["check_suite"] = {"id": suite}
         self.check_runs[run_id] = run
