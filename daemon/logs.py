@@ -139,7 +139,10 @@ class RedactingFilter(logging.Filter):
         try:
             live = tuple(self._secrets()) if self._secrets is not None else ()
         except Exception as exc:
-            record.msg = f"{REDACTED} (listing the secrets to redact raised {exc!r})"
+            # The error text can contain a secret too, so it is redacted
+            # with the token pattern.
+            error = redact(repr(exc))
+            record.msg = f"{REDACTED} (listing the secrets to redact raised {error})"
             record.args = None
             record.exc_text = REDACTED if record.exc_info or record.exc_text else None
             record.stack_info = None

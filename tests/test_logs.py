@@ -348,7 +348,7 @@ def test_failing_secrets_hide_message(
     journal: _Journal, root_logger: logging.Logger
 ) -> None:
     def broken() -> list[str]:
-        raise RuntimeError("token store closed")
+        raise RuntimeError(f"token store closed while holding {TOKEN}")
 
     configure_logging(
         format="journal", level="info", journal_socket=journal.path, secrets=broken
@@ -359,6 +359,8 @@ def test_failing_secrets_hide_message(
     message = journal.receive()["MESSAGE"]
     assert "maybe-secret" not in message
     assert message.startswith(REDACTED)
+    assert "token store closed" in message
+    assert TOKEN[:40] not in message
 
 
 def test_redact_keeps_url_around_token() -> None:
