@@ -300,6 +300,27 @@ async def test_rate_limit_beyond_max_gives_up(
     assert _count(emulator, "GET", "/app") == 1
 
 
+async def test_rate_limit_repeated_gives_up(
+    autojump_clock: trio.abc.Clock, emulator: Emulator, github: GitHubClient
+) -> None:
+    emulator.inject(
+        method="GET",
+        path="/app",
+        status=429,
+        headers={"Retry-After": "1"},
+        body={"message": SECONDARY},
+        times=10,
+    )
+    with pytest.raises(
+        RateLimited,
+        match=r"^GitHub's secondary rate limit for the App is exhausted until .* "
+        r"still limited after 5 attempts; GET /app was not sent\. Retry after the "
+        r"reset, or send fewer requests$",
+    ):
+        await github.app_request("GET", "/app")
+    assert _count(emulator, "GET", "/app") == 5
+
+
 async def test_rate_limited_installation_waits_alone(
     autojump_clock: trio.abc.Clock, emulator: Emulator, github: GitHubClient
 ) -> None:

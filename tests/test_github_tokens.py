@@ -380,3 +380,28 @@ async def test_second_401_fails(emulator: Emulator, github: GitHubClient) -> Non
     assert info.value.status_code == 401
     assert _mints(emulator) == 2
     assert len([r for r in emulator.requests if r.path == "/repos/octo-org/hello"]) == 2
+
+
+async def test_forget_during_mint_not_cached(
+    autojump_clock: trio.abc.Clock, emulator: Emulator, github: GitHubClient
+) -> None:
+    emulator.inject(method="POST", path=MINT_PATH, status=500, delay=5)
+    got: list[Token] = []
+
+    async def caller() -> None:
+        got.append(await github.tokens.get(INSTALLATION_ID, valid_for=60))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller)
+        await trio.sleep(1)
+        github.tokens.forget(INSTALLATION_ID)
+
+    assert len(got) == 1
+    assert github.tokens.statistics().cached == 0
+
+
+async def test_secrets_lists_cached_tokens(github: GitHubClient) -> None:
+    token = await github.tokens.get(INSTALLATION_ID, valid_for=60)
+    assert github.tokens.secrets() == [token.secret]
+    github.tokens.forget(INSTALLATION_ID)
+    assert github.tokens.secrets() == []
