@@ -46,10 +46,14 @@ def format_config(config: Config) -> str:
 
 
 def _format_fields(value: Any) -> list[str]:
-    return [
-        f"{field.name} = {_format_value(getattr(value, field.name))}"
-        for field in dataclasses.fields(value)
-    ]
+    lines = []
+    for field in dataclasses.fields(value):
+        item = getattr(value, field.name)
+        if item is None:
+            lines.append(f"# {field.name} is not set")
+        else:
+            lines.append(f"{field.name} = {_format_value(item)}")
+    return lines
 
 
 def _format_value(value: object) -> str:
@@ -66,8 +70,6 @@ def _format_value(value: object) -> str:
     if isinstance(value, dict) or hasattr(value, "items"):
         items = ", ".join(f"{k} = {_format_value(v)}" for k, v in value.items())
         return "{ " + items + " }" if items else "{}"
-    if value is None:
-        return "# not set"
     return str(value)
 
 

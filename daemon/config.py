@@ -510,7 +510,15 @@ class _Loader:
         try:
             value = path.read_bytes()
         except OSError as exc:
-            self.error(f"{where} {key}", f"cannot read {str(path)!r}: {exc.strerror}")
+            hint = ""
+            if isinstance(exc, FileNotFoundError):
+                hint = (
+                    "; relative names are looked up in $CREDENTIALS_DIRECTORY,"
+                    " else next to the configuration file"
+                )
+            self.error(
+                f"{where} {key}", f"cannot read {str(path)!r}: {exc.strerror}{hint}"
+            )
             return None
         if not value.strip():
             self.error(f"{where} {key}", f"file {str(path)!r} is empty")
