@@ -1284,3 +1284,18 @@ async def test_request_record_fields(
     assert record.headers["x-github-api-version"] == "2022-11-28"
     assert record.installation_id is None
     assert record.time > time.time() + 50_000
+
+
+async def test_inject_fault_on_git_fetch(
+    client: httpx.AsyncClient,
+    emulator: Emulator,
+    app_key_pem: bytes,
+    head: str,
+    tmp_path: Path,
+) -> None:
+    token = await mint(client, app_key_pem)
+    emulator.inject(method="POST", path="/git/*/git-upload-pack", status=500)
+    failed = await fetch(emulator, tmp_path / "a", head, token)
+    assert failed.returncode != 0
+    retried = await fetch(emulator, tmp_path / "b", head, token)
+    assert retried.returncode == 0, retried.stderr
