@@ -488,17 +488,18 @@ class GitHubClient:
             except GitHubError as exc:
                 if exc.status_code != 401:
                     raise
+                log_path = httpx.URL(path).path
                 if round_number == 2:
                     log.warning(
                         "GitHub %s %s returned 401 for a new token of installation "
-                        "%s; giving up",
+                        "%s (token 2 of 2); giving up",
                         method,
-                        path,
+                        log_path,
                         installation_id,
                     )
                     raise GitHubError(
                         f"GitHub rejected a newly minted token of installation "
-                        f"{installation_id} for {method} {path} ({exc}); check the "
+                        f"{installation_id} for {method} {log_path} ({exc}); check the "
                         "App's permissions and the installation",
                         status_code=401,
                         installation_id=installation_id,
@@ -509,9 +510,9 @@ class GitHubClient:
                 self.tokens.evict(token)
                 log.warning(
                     "GitHub %s %s returned 401 for a cached token of installation "
-                    "%s (revoked?); retrying once with a new token",
+                    "%s (token 1 of 2, revoked?); retrying with a new token",
                     method,
-                    path,
+                    log_path,
                     installation_id,
                 )
         raise AssertionError("unreachable")

@@ -271,7 +271,11 @@ class Sender:
         state.until = max(state.until, trio.current_time() + limit.wait)
         if limit.wait > self.max_rate_limit_wait or call.limited >= self.max_attempts:
             raise self._rate_limited(
-                limit, call, wait=limit.wait, headers=response.headers
+                limit,
+                call,
+                wait=limit.wait,
+                status=response.status_code,
+                headers=response.headers,
             )
         log.warning(
             "GitHub %s %s returned %d: %s for %s; waiting %.0f s until %s "
@@ -294,6 +298,7 @@ class Sender:
         call: _Call,
         *,
         wait: float,
+        status: int | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> RateLimited:
         if wait > self.max_rate_limit_wait:
@@ -303,8 +308,8 @@ class Sender:
             cause = f"still limited after {call.limited} attempts"
             fix = "Retry after the reset, or send fewer requests"
         log.warning(
-            "GitHub %s %s is held back by the %s for %s until %s (%.0f s, %s); "
-            "giving up",
+            "GitHub %s %s is held back by the %s for %s until %s (%.0f s, %s, "
+            "status %s, attempt %d); giving up",
             call.method,
             call.path,
             limit.limit,
@@ -312,6 +317,8 @@ class Sender:
             limit.reset_at.isoformat(),
             wait,
             cause,
+            status if status is not None else "not sent",
+            call.attempt,
         )
         return RateLimited(
             f"GitHub's {limit.limit} for {call.who} is exhausted until "
@@ -320,7 +327,7 @@ class Sender:
             f"sent. {fix}",
             limit=limit.limit,
             reset_at=limit.reset_at,
-            status_code=429 if "secondary" in limit.limit else 403,
+            status_code=status,
             installation_id=call.installation_id,
             method=call.method,
             path=call.path,
