@@ -1064,7 +1064,7 @@ def _url_path(value: object) -> str:
 def _listen_list(value: object) -> tuple[str, ...]:
     items = _text_list(value)
     for item in items:
-        if item == "systemd" or re.fullmatch(r"fd://\d*", item):
+        if item == "systemd" or re.fullmatch(r"fd://[A-Za-z0-9_.:-]*", item):
             continue
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
