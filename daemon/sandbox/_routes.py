@@ -176,6 +176,7 @@ def build_app(emulator: Emulator) -> QuartTrio:
     _add_hooks(app, emulator)
     _add_app_routes(app, emulator)
     _add_check_run_routes(app, emulator)
+    _add_commit_routes(app, emulator)
     _add_issue_routes(app, emulator)
     _add_delivery_routes(app, emulator)
 
@@ -355,6 +356,52 @@ def _add_check_run_routes(app: QuartTrio, emulator: Emulator) -> None:
         return {
             "total_count": len(selected),
             "check_runs": [_checks.public_view(run) for run in _page_slice(selected)],
+        }
+
+
+def _add_commit_routes(app: QuartTrio, emulator: Emulator) -> None:
+    @app.get("/repos/<owner>/<repo>/pulls/<int:number>")
+    async def get_pull(owner: str, repo: str, number: int) -> Any:
+        # "Get a pull request" (docs.github.com/en/rest/pulls/pulls): the
+        # head commit is what refs/pull/<number>/head names in the base
+        # repository. Only the fields a client reads to find it are given.
+        _authorize(emulator, owner, repo, "pull_requests", "read")
+        full_name = f"{owner}/{repo}"
+        head = await emulator.store.resolve_async(full_name, f"refs/pull/{number}/head")
+        if head is None:
+            raise APIError(404, "Not Found")
+        repository = emulator.repositories[full_name]
+        branch = repository["default_branch"]
+        base = await emulator.store.resolve_async(full_name, f"refs/heads/{branch}")
+        return {
+            "number": number,
+            "state": "open",
+            "draft": False,
+            "url": f"{emulator.api_url}/repos/{full_name}/pulls/{number}",
+            "head": {"sha": head, "ref": f"pull/{number}/head", "repo": repository},
+            "base": {"sha": base, "ref": branch, "repo": repository},
+        }
+
+    @app.get("/repos/<owner>/<repo>/commits/<path:ref>")
+    async def get_commit(owner: str, repo: str, ref: str) -> Any:
+        # "Get a commit" (docs.github.com/en/rest/commits/commits) takes a
+        # sha, a branch name or a ref such as heads/main; an unknown one is
+        # answered 422.
+        _authorize(emulator, owner, repo, "contents", "read")
+        full_name = f"{owner}/{repo}"
+        sha = None
+        for candidate in (ref, f"refs/{ref}", f"refs/heads/{ref}"):
+            if candidate.startswith("-"):
+                continue
+            sha = await emulator.store.resolve_async(full_name, candidate)
+            if sha is not None:
+                break
+        if sha is None:
+            raise APIError(422, f"No commit found for SHA: {ref}")
+        return {
+            "sha": sha,
+            "node_id": f"C_{sha}",
+            "url": f"{emulator.api_url}/repos/{full_name}/commits/{sha}",
         }
 
 
