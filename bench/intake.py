@@ -143,7 +143,9 @@ def serve_main(kind: str, log_level: str, profile: Path | None) -> None:
         if profile is None:
             trio.run(_serve, kind)
             return
-        profiler = cProfile.Profile()
+        # CPU time, not wall time, so other processes on the machine do not
+        # inflate the functions that happened to be running.
+        profiler = cProfile.Profile(time.process_time)
         profiler.enable()
         try:
             trio.run(_serve, kind)
@@ -162,10 +164,16 @@ class Round:
     seconds: float
     latencies: list[float]
     statuses: dict[int, int]
+    server_cpu: float
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Server CPU seconds (user and system) per measured request."""
+        return self.server_cpu / self.requests
 
     def percentile(self, fraction: float) -> float:
         ordered = sorted(self.latencies)
@@ -252,7 +260,14 @@ class _Connection:
 
 
 async def run_load(
-    url: str, *, kind: str, requests: int, warmup: int, connections: int, timeout: float
+    url: str,
+    *,
+    kind: str,
+    server_pid: int,
+    requests: int,
+    warmup: int,
+    connections: int,
+    timeout: float,
 ) -> Round:
     """Send ``warmup`` then ``requests`` requests over ``connections`` connections."""
     parsed = urllib.parse.urlsplit(url)
@@ -286,8 +301,24 @@ async def run_load(
     await send_all(all_requests[:warmup], [], {})
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    cpu_before = process_cpu(server_pid)
     seconds = await send_all(all_requests[warmup:], latencies, statuses)
-    return Round(kind, requests, seconds, latencies, statuses)
+    cpu = process_cpu(server_pid) - cpu_before
+    return Round(kind, requests, seconds, latencies, statuses, cpu)
+
+
+def process_cpu(pid: int) -> float:
+    """Return the user plus system CPU seconds process ``pid`` has used.
+
+    Read from ``/proc/PID/stat`` (Linux), in clock ticks of 10 ms on most
+    kernels. Unlike requests per second, this does not depend on what else
+    the machine runs.
+    """
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    fields = stat.rpartition(")")[2].split()
+    user_ticks, system_ticks = int(fields[11]), int(fields[12])
+    return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -339,6 +370,7 @@ def measure(
             lambda: run_load(
                 url,
                 kind=variant.label,
+                server_pid=process.pid,
                 requests=args.requests,
                 warmup=args.warmup,
                 connections=args.connections,
@@ -354,6 +386,7 @@ def report(result: Round) -> str:
         f"{result.kind:>12}: {result.rps:8.1f} req/s"
         f"  p50 {result.percentile(0.50) * 1000:6.1f} ms"
         f"  p99 {result.percentile(0.99) * 1000:6.1f} ms"
+        f"  server CPU {result.cpu_per_request * 1e6:5.0f} us/req"
         f"  statuses {dict(sorted(result.statuses.items()))}"
     )
 
@@ -408,11 +441,17 @@ def main() -> None:
         label: statistics.median(result.percentile(0.99) for result in rounds)
         for label, rounds in results.items()
     }
+    cpu = {
+        label: statistics.median(result.cpu_per_request for result in rounds)
+        for label, rounds in results.items()
+    }
     for label in results:
         print(
             f"median {label:>12}: {rps[label]:8.1f} req/s,"
             f" p99 {p99[label] * 1000:6.1f} ms,"
-            f" ratio to bare {rps[label] / rps['bare']:.2f}"
+            f" server CPU {cpu[label] * 1e6:5.0f} us/req;"
+            f" ratio to bare: req/s {rps[label] / rps['bare']:.2f},"
+            f" CPU {cpu['bare'] / cpu[label]:.2f}"
         )
 
     if args.profile is not None:

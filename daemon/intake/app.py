@@ -96,8 +96,9 @@ def create_app(
 
     async def route(path: str = "") -> Response:
         current = settings()
-        if request.path != current.webhook_path:
-            if request.path in _HEALTH_PATHS:
+        request_path = request.path
+        if request_path != current.webhook_path:
+            if request_path in _HEALTH_PATHS:
                 return _error(405, "method not allowed", {"Allow": "GET, HEAD"})
             return _error(404, "not found")
         if request.method != "POST":
@@ -119,8 +120,9 @@ def create_app(
 
 
 async def _receive(settings: IntakeSettings, sink: DeliverySink) -> Response:
+    headers = request.headers
     remote = request.remote_addr or "-"
-    logged_id = printable_id(request.headers.get(ID_HEADER))
+    logged_id = printable_id(headers.get(ID_HEADER))
 
     try:
         body = await _read_body(settings)
@@ -134,9 +136,7 @@ async def _receive(settings: IntakeSettings, sink: DeliverySink) -> Response:
         # The rest of the body is never read, so the connection cannot be reused.
         return _error(rejection.status, rejection.message, {"Connection": "close"})
 
-    status = verify_signature(
-        request.headers.get(SIGNATURE_HEADER), body, settings.secrets
-    )
+    status = verify_signature(headers.get(SIGNATURE_HEADER), body, settings.secrets)
     if status is not SignatureStatus.VALID:
         log.warning(
             "delivery %r from %s rejected: signature %s",
@@ -146,10 +146,11 @@ async def _receive(settings: IntakeSettings, sink: DeliverySink) -> Response:
         )
         return _error(401, _SIGNATURE_ERRORS[status])
 
+    mimetype = request.mimetype
     try:
-        event = validate_event(request.headers.get(EVENT_HEADER))
-        delivery_id = validate_delivery_id(request.headers.get(ID_HEADER))
-        payload = decode_payload(body, request.mimetype, request.mimetype_params)
+        event = validate_event(headers.get(EVENT_HEADER))
+        delivery_id = validate_delivery_id(headers.get(ID_HEADER))
+        payload = decode_payload(body, mimetype, request.mimetype_params)
     except Rejection as rejection:
         log.warning(
             "delivery %r from %s rejected: %s",
@@ -170,7 +171,7 @@ async def _receive(settings: IntakeSettings, sink: DeliverySink) -> Response:
         payload=payload,
         body=body,
         received_at=time.time(),
-        content_type=request.mimetype,
+        content_type=mimetype,
     )
     return await _admit(delivery, settings, sink)
 
