@@ -34,7 +34,7 @@ SMALL_CAP = 4096
 
 
 class RecordingSink:
-    """A sink that stores every delivery and answers ``admission``."""
+    """A sink that stores every delivery and returns ``admission``."""
 
     def __init__(self, admission: Admission = Admission.ACCEPTED) -> None:
         self.admission = admission
@@ -158,25 +158,26 @@ def push_body() -> bytes:
 async def raw_exchange(
     intake: Intake, head: bytes, body_parts: list[bytes]
 ) -> tuple[int, bytes]:
-    """Send ``head`` and ``body_parts`` without ending the body; return the answer.
+    """Send ``head`` and ``body_parts`` without ending the body.
 
-    The status line and the whole answer are read up to the server's close,
-    so a server that waits for the rest of the body makes this time out.
+    Return the response status and the bytes read up to the end of the
+    response head. A server that waits for the rest of the body makes this
+    raise trio.TooSlowError after 5 seconds.
     """
     stream = await trio.open_tcp_stream(intake.host, intake.port)
     async with stream:
         await stream.send_all(head)
         for part in body_parts:
             await stream.send_all(part)
-        answer = b""
+        head_bytes = b""
         with trio.fail_after(5):
-            while b"\r\n\r\n" not in answer:
+            while b"\r\n\r\n" not in head_bytes:
                 chunk = await stream.receive_some(65536)
                 if not chunk:
                     break
-                answer += chunk
-    status_line = answer.split(b"\r\n", 1)[0]
-    return int(status_line.split()[1]), answer
+                head_bytes += chunk
+    status_line = head_bytes.split(b"\r\n", 1)[0]
+    return int(status_line.split()[1]), head_bytes
 
 
 def request_head(intake: Intake, headers: dict[str, str]) -> bytes:
@@ -478,7 +479,7 @@ async def test_oversize_content_length_before_body(start_intake: StartIntake) ->
             "X-GitHub-Delivery": "big-1",
         },
     )
-    # No body byte is sent: the answer comes from the Content-Length alone.
+    # No body byte is sent, so the 413 comes from the Content-Length alone.
     status, _ = await raw_exchange(intake, head, [])
     assert status == 413
     assert recorded(intake) == []
@@ -509,9 +510,9 @@ async def test_oversize_chunked_stream(start_intake: StartIntake) -> None:
     parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * (SMALL_CAP // len(chunk) + 1)
     # The terminating zero-length chunk is never sent, so a 413 proves the
     # server stopped reading at the cap instead of waiting for the whole body.
-    status, answer = await raw_exchange(intake, head, parts)
+    status, head_bytes = await raw_exchange(intake, head, parts)
     assert status == 413
-    assert b"connection: close" in answer.lower()
+    assert b"connection: close" in head_bytes.lower()
     assert recorded(intake) == []
 
 
@@ -553,7 +554,7 @@ async def test_slow_body_times_out(start_intake: StartIntake) -> None:
     assert recorded(intake) == []
 
 
-# Sink answers
+# Sink results
 
 
 async def test_duplicate_delivery(start_intake: StartIntake) -> None:
@@ -573,10 +574,10 @@ async def test_full_channel_then_retry(start_intake: StartIntake) -> None:
     send_channel, receive_channel = trio.open_memory_channel[Delivery](1)
     intake = await start_intake(sink=MemorySink(send_channel=send_channel))
     first = await intake.post(push_body(), delivery="full-1")
-    refused = await intake.post(push_body(), delivery="full-2")
+    rejected = await intake.post(push_body(), delivery="full-2")
     assert first.status_code == 202
-    assert refused.status_code == 503
-    assert refused.headers["Retry-After"] == "5"
+    assert rejected.status_code == 503
+    assert rejected.headers["Retry-After"] == "5"
 
     assert receive_channel.receive_nowait().id == "full-1"
     retried = await intake.post(push_body(), delivery="full-2")
@@ -594,7 +595,7 @@ async def test_full_sink_retry_after_setting(start_intake: StartIntake) -> None:
     assert response.headers["Retry-After"] == "17"
 
 
-async def test_failing_sink_answers_503(
+async def test_failing_sink_returns_503(
     start_intake: StartIntake, caplog: pytest.LogCaptureFixture
 ) -> None:
     intake = await start_intake(sink=FailingSink())

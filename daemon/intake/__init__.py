@@ -1,8 +1,8 @@
 """The webhook intake: signature check, parsing, dedup and health checks.
 
-The intake knows nothing of lanes, jobs or the journal. It hands each
-verified delivery to a :class:`DeliverySink` and answers GitHub from the
-sink's :class:`Admission`.
+The intake imports nothing of lanes, jobs or the journal. It hands each
+verified delivery to a :class:`DeliverySink` and sets the response status
+from the sink's :class:`Admission`.
 """
 
 from __future__ import annotations

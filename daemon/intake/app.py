@@ -1,7 +1,7 @@
 """The quart-trio app: the webhook route and the health checks.
 
 ``POST {webhook_path}`` checks a request in this order, and the first
-failed check decides the answer:
+failed check sets the response status:
 
 1. a ``Content-Length`` over ``max_body_size``: 413, before the body is read
 2. the body, read in chunks: 413 as soon as it passes ``max_body_size``,
@@ -11,7 +11,7 @@ failed check decides the answer:
 5. the content type: 415; the body's UTF-8, JSON and object shape: 400
 
 So nothing is parsed before the signature is verified, and a request with
-a bad signature is answered 401 whatever else is wrong with it.
+a bad signature gets a 401 whatever else is wrong with it.
 """
 
 from __future__ import annotations
@@ -75,14 +75,14 @@ def create_app(
     ``settings`` is called once per request, so a reload takes effect for
     the next delivery, including a new ``webhook_path``. Each verified
     delivery except ``ping`` goes to ``sink.admit``. ``GET /healthz``
-    answers 200 while the loop runs; ``GET /readyz`` answers 200 when
+    returns 200 while the loop runs. ``GET /readyz`` returns 200 when
     ``readiness.ready``, else 503 with the unmet flags and their reasons.
-    Every error answer is a JSON object ``{"error": message}``.
+    Every error response is a JSON object ``{"error": message}``.
     """
     app = QuartTrio(__name__)
-    # The webhook route enforces the size cap and the body timeout itself, from
-    # the settings of each request; Quart's own limits would apply to every
-    # route and could not follow a reload.
+    # The webhook route enforces the size cap and the body timeout itself,
+    # from the settings of each request, because Quart's own limits apply to
+    # every route and cannot follow a reload.
     app.config["MAX_CONTENT_LENGTH"] = None
     app.config["BODY_TIMEOUT"] = None
 
@@ -162,7 +162,7 @@ async def _receive(settings: IntakeSettings, sink: DeliverySink) -> Response:
 
     if event == "ping":
         hook = hook_id(payload)
-        log.info("ping %s for hook %s answered", delivery_id, hook)
+        log.info("ping %s for hook %s received", delivery_id, hook)
         return _json(200, {"hook_id": hook})
 
     delivery = Delivery(
@@ -234,11 +234,11 @@ async def _admit(
             return _json(202, {"status": "accepted", "delivery": delivery.id})
 
         if admission is Admission.DUPLICATE:
-            log.info("delivery %s is a duplicate; not queued again", delivery.id)
+            log.info("delivery %s not queued again: duplicate", delivery.id)
             return _json(200, {"status": "duplicate", "delivery": delivery.id})
 
         log.warning(
-            "delivery %s rejected: queue full, asked to retry after %d s",
+            "delivery %s rejected: queue full, Retry-After %d s",
             delivery.id,
             settings.retry_after,
         )

@@ -20,9 +20,9 @@ class MemorySink:
     """A bounded seen-set of delivery ids in front of a trio memory channel.
 
     A delivery whose id was accepted less than ``window`` seconds ago is a
-    ``DUPLICATE``. Otherwise the delivery is sent with ``send_nowait``;
-    when the channel has no room the answer is ``FULL`` and the id is not
-    remembered, so GitHub's redelivery of it is accepted later. The
+    ``DUPLICATE``. Otherwise the delivery is sent with ``send_nowait``.
+    When the channel has no room the result is ``FULL`` and the id is not
+    remembered, so a later redelivery of it is accepted. The
     seen-set keeps at most ``max_entries`` ids and forgets the oldest
     first, so under a flood a duplicate older than the newest
     ``max_entries`` ids is accepted again.
@@ -57,9 +57,9 @@ class MemorySink:
     async def admit(self, delivery: Delivery) -> Admission:
         """Queue ``delivery`` unless its id was seen or the channel is full.
 
-        Never blocks and executes no checkpoint. A closed or broken channel
-        (the consumer is gone, for example during shutdown) is answered
-        ``FULL`` and logged.
+        Never blocks: the method contains no ``await``, so it executes no
+        checkpoint. A closed or broken channel (the consumer is gone, for
+        example during shutdown) gives ``FULL`` and one log line.
         """
         now = self._clock()
         self._forget_expired(now)

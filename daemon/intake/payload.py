@@ -38,10 +38,10 @@ _MAX_LOGGED_ID = 128
 
 
 class Rejection(Exception):
-    """A request the intake answers with an error ``status``.
+    """A request the intake rejects with the HTTP ``status``.
 
-    ``message`` is sent to the client; it names the header or field at
-    fault and holds no secret.
+    ``message`` is sent to the client. It names the header or field at
+    fault and contains no secret.
     """
 
     def __init__(self, status: int, message: str) -> None:

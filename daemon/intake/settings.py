@@ -18,9 +18,10 @@ class IntakeSettings:
     every accepted webhook secret, so a new one can be added before the old
     one is removed. ``retry_after`` is the ``Retry-After`` value in seconds
     sent with a 503. ``body_timeout`` is the time in seconds a client gets
-    to send the whole body; GitHub itself gives up on a delivery after 10
-    seconds. The ``repr`` shows how many secrets there are, never their
-    value. Raise ValueError for a value that cannot work.
+    to send the whole body. GitHub records a delivery as failed when the
+    response takes longer than 10 seconds (docs.github.com, "Handling
+    failed webhook deliveries"). The ``repr`` shows how many secrets there
+    are, never their value. Raise ValueError for a value that cannot work.
     """
 
     webhook_path: str = "/webhooks/github"

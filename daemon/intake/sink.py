@@ -19,17 +19,18 @@ class Admission(enum.Enum):
 
 
 class DeliverySink(Protocol):
-    """Where the intake hands each verified delivery."""
+    """The receiver of each verified delivery, such as a queue or a journal."""
 
     async def admit(self, delivery: Delivery) -> Admission:
         """Take ``delivery`` or decline it, without waiting for any job.
 
         Return ``ACCEPTED`` once the delivery is queued (and, for a durable
         sink, recorded), ``DUPLICATE`` for an id already queued, and
-        ``FULL`` when there is no room now. The intake answers GitHub while
-        this call is awaited, and GitHub gives up after 10 seconds, so an
-        implementation must never wait on a job, a clone or a GitHub API
-        call. A :class:`~daemon.errors.GhappdError` it raises is answered
-        503; any other exception propagates as a server error.
+        ``FULL`` when there is no room now. GitHub waits for the response
+        while this call is awaited, and records the delivery as failed after
+        10 seconds (docs.github.com, "Handling failed webhook deliveries"),
+        so an implementation must never wait on a job, a clone or a GitHub
+        API call. A :class:`~daemon.errors.GhappdError` it raises gives a
+        503 response. Any other exception propagates as a server error.
         """
         ...
