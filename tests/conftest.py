@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins: list[str] = ["fixtures_emulator", "fixtures_daemon"]
+pytest_plugins: list[str] = ["fixtures_emulator", "fixtures_daemon", "fixtures_process"]
 
 WEBHOOK_FIXTURES = Path(__file__).parent / "fixtures" / "webhooks"
 
