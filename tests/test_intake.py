@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -712,3 +713,69 @@ def test_settings_reject_health_path() -> None:
 def test_readiness_unknown_flag() -> None:
     with pytest.raises(KeyError, match=r"unknown readiness flag 'disk_free'"):
         Readiness().set("disk_free")
+
+
+# Serving
+
+
+async def test_serve_on_inherited_fd(nursery: trio.Nursery) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    # detach() hands the descriptor to hypercorn, as systemd's socket would be.
+    fd = listener.detach()
+    app = create_app(
+        settings=lambda: IntakeSettings(secrets=(SECRET,)),
+        sink=RecordingSink(),
+        readiness=Readiness(),
+    )
+    urls = await nursery.start(
+        lambda task_status: serve_intake(
+            app, binds=[f"fd://{fd}"], task_status=task_status
+        )
+    )
+    assert urls == [f"http://127.0.0.1:{port}"]
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"http://127.0.0.1:{port}/healthz")
+    assert response.status_code == 200
+
+
+async def test_shutdown_trigger_stops_server(client: httpx.AsyncClient) -> None:
+    readiness = Readiness()
+    stop = trio.Event()
+    app = create_app(
+        settings=lambda: IntakeSettings(secrets=(SECRET,)),
+        sink=RecordingSink(),
+        readiness=readiness,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(
+                lambda task_status: serve_intake(
+                    app,
+                    binds=["127.0.0.1:0"],
+                    shutdown_trigger=stop.wait,
+                    readiness=readiness,
+                    task_status=task_status,
+                )
+            )
+            response = await client.get(urls[0] + "/healthz")
+            assert response.status_code == 200
+            stop.set()
+    assert readiness.unmet()["listener_bound"] == "the intake has stopped"
+
+
+async def test_hypercorn_logs_through_stdlib(
+    start_intake: StartIntake, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    intake = await start_intake()
+    response = await intake.client.get(intake.url + "/healthz")
+    assert response.status_code == 200
+
+    server_logger = logging.getLogger("daemon.intake.hypercorn")
+    assert server_logger.handlers == []
+    assert server_logger.propagate
+    server_records = [r for r in caplog.records if r.name == server_logger.name]
+    assert any("Running on" in r.getMessage() for r in server_records)
+    assert [r for r in caplog.records if r.name == "hypercorn.access"] == []

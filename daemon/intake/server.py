@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 
 SECONDS = 1.0
 
+# A logger of the daemon's own, so a handler that another hypercorn server in
+# the process adds to "hypercorn.error" (its default) does not apply here.
+HYPERCORN_LOGGER = "daemon.intake.hypercorn"
+
 
 async def serve_intake(
     app: QuartTrio,
@@ -40,8 +44,9 @@ async def serve_intake(
     that cannot be bound raises OSError before ``started()`` is called.
 
     Hypercorn's access log is off, because the intake logs each delivery
-    itself. Its error log goes to the stdlib logger ``hypercorn.error``, so
-    it reaches whatever handlers the daemon installs.
+    itself. Its error log goes to the stdlib logger
+    ``daemon.intake.hypercorn``, with no handler of its own, so its records
+    reach whatever handlers the daemon installs.
     """
     if not binds:
         raise ValueError("binds is empty; give at least one address to listen on")
@@ -49,7 +54,7 @@ async def serve_intake(
     config = Config()
     config.bind = list(binds)
     config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
+    config.errorlog = logging.getLogger(HYPERCORN_LOGGER)
     config.graceful_timeout = graceful_timeout
 
     async def _serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
