@@ -112,7 +112,9 @@ class Lane:
         self.running: JobSpec | None = None
         self._last_seq = 0
         self._job_scope: trio.CancelScope | None = None
+        self._running_seq = 0
         self._cancel_reason: str | None = None
+        self._cancel_seq = 0
         self._stopping = False
 
     def offer(self, item: LaneItem) -> None:
@@ -130,11 +132,20 @@ class Lane:
             )
             self.overflowing = True
 
-    def cancel(self, reason: str) -> None:
-        """Cancel the running job and every queued one, reporting each."""
+    def cancel(self, reason: str, *, up_to_seq: int) -> None:
+        """Cancel the running job and the queued ones, reporting each.
+
+        Only deliveries with a sequence number up to ``up_to_seq`` (those
+        accepted before the event that cancels them) are cancelled; later
+        ones run as usual.
+        """
         self._cancel_reason = reason
-        if self._job_scope is not None:
+        self._cancel_seq = max(self._cancel_seq, up_to_seq)
+        if self._job_scope is not None and self._running_seq <= up_to_seq:
             self._job_scope.cancel()
+
+    def _cancelled(self, seq: int) -> bool:
+        return self._cancel_reason is not None and seq <= self._cancel_seq
 
     def stop(self, *, grace: float) -> None:
         """Start no further job; give the running one ``grace`` seconds."""
@@ -149,7 +160,9 @@ class Lane:
 
         Returns when the lane has removed itself from the dispatcher's map.
         On shutdown it returns after the running job, leaving the queued
-        deliveries in the journal.
+        deliveries in the journal. An exception of a delivery (its journal
+        updates or reports) is logged and the lane goes on with the next
+        one, so nothing a job does reaches the lanes nursery.
         """
         with context.bind(installation_id=self.installation_id):
             log.info("lane %s started", self.installation_id)
@@ -168,7 +181,7 @@ class Lane:
                         self.jobs_run,
                     )
                     return
-                await self._process(item)
+                await self._process_logged(item)
             log.info(
                 "lane %s stopped with %d deliveries left queued",
                 self.installation_id,
@@ -209,8 +222,24 @@ class Lane:
                 return
             if entry.seq <= self._last_seq:
                 continue
-            jobs = self._dispatcher.plan(entry.delivery)
-            await self._process(LaneItem(entry.seq, entry.delivery, jobs))
+            try:
+                jobs = self._dispatcher.plan(entry.delivery)
+            except Exception:
+                log.exception(
+                    "delivery %s could not be routed again", entry.delivery.id
+                )
+                continue
+            await self._process_logged(LaneItem(entry.seq, entry.delivery, jobs))
+
+    async def _process_logged(self, item: LaneItem) -> None:
+        try:
+            await self._process(item)
+        except Exception:
+            log.exception(
+                "delivery %s failed in lane %s; the lane goes on",
+                item.delivery.id,
+                self.installation_id,
+            )
 
     async def _process(self, item: LaneItem) -> None:
         self._last_seq = max(self._last_seq, item.seq)
@@ -220,25 +249,34 @@ class Lane:
         with context.bind(delivery_id=delivery.id, event=delivery.event):
             await journal.mark_running(delivery.id)
             for job in item.jobs:
-                if self._stopping:
+                if self._stopping or not await self._run_job(item.seq, job):
+                    # Left queued in the journal: it runs after a restart.
                     return
-                await self._run_job(item.seq, job)
             await journal.mark_finished(delivery.id)
 
-    async def _run_job(self, seq: int, job: JobSpec) -> None:
+    async def _run_job(self, seq: int, job: JobSpec) -> bool:
+        """Run or report ``job``; return False if shutdown left it to run later."""
         executor = self._dispatcher.executor
         with context.bind(job=job.name, repository=job.repository):
-            if self._cancel_reason is not None:
-                await executor.cancelled(job, reason=self._cancel_reason)
-                return
+            if self._cancelled(seq):
+                await self._report_cancelled(job)
+                return True
             reason = self._dispatcher._stale_reason(job, seq)
             if reason is not None:
                 log.info("job %s skipped: %s", job.external_id, reason)
                 await executor.skipped(job, reason=reason)
-                return
+                return True
 
             async with self._dispatcher.limiter:
+                # Waiting for capacity is a checkpoint: the lane may have
+                # been cancelled or stopped meanwhile.
+                if self._stopping:
+                    return False
+                if self._cancelled(seq):
+                    await self._report_cancelled(job)
+                    return True
                 self.running = job
+                self._running_seq = seq
                 self._job_scope = trio.CancelScope()
                 with self._job_scope:
                     try:
@@ -246,20 +284,32 @@ class Lane:
                     except Exception as exc:
                         log.exception("job %s raised", job.external_id)
                         with trio.CancelScope(shield=True):
-                            await executor.failed(job, error=exc)
+                            await self._report_failed(job, exc)
                 scope, self._job_scope, self.running = self._job_scope, None, None
                 self.jobs_run += 1
 
             if scope.cancelled_caught:
+                if self._cancelled(seq):
+                    await self._report_cancelled(job)
+                    return True
                 with trio.CancelScope(shield=True):
-                    if self._cancel_reason is not None:
-                        await executor.cancelled(job, reason=self._cancel_reason)
-                    else:
-                        await executor.interrupted(job)
-                if self._cancel_reason is None:
-                    self._stopping = True
-                    return
+                    await executor.interrupted(job)
+                self._stopping = True
+                return False
             self._dispatcher._job_done(job, seq)
+            return True
+
+    async def _report_cancelled(self, job: JobSpec) -> None:
+        assert self._cancel_reason is not None
+        log.info("job %s cancelled: %s", job.external_id, self._cancel_reason)
+        with trio.CancelScope(shield=True):
+            await self._dispatcher.executor.cancelled(job, reason=self._cancel_reason)
+
+    async def _report_failed(self, job: JobSpec, error: Exception) -> None:
+        try:
+            await self._dispatcher.executor.failed(job, error=error)
+        except Exception:
+            log.exception("reporting job %s as failed raised", job.external_id)
 
 
 class Dispatcher:
@@ -342,7 +392,7 @@ class Dispatcher:
                 what = "uninstalled" if delivery.action == "deleted" else "suspended"
                 reason = f"the App was {what} on this account"
                 log.info("cancelling lane %s: %s", lane.installation_id, reason)
-                lane.cancel(reason)
+                lane.cancel(reason, up_to_seq=seq)
 
         jobs = self.plan(delivery)
         installation_id = delivery.installation_id
