@@ -53,6 +53,20 @@ with open(log, "a") as out:
     out.write(f"end {who}\\n")
 """
 
+# Runs argv[2:] as this same process, with fd argv[1] moved to fd 3 and
+# LISTEN_FDS/LISTEN_PID set as systemd's socket activation sets them
+# (sd_listen_fds(3)), so LISTEN_PID is the pid ghappd sees as its own.
+_LISTEN_WRAPPER = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
 _READY = re.compile(r"ghappd ready on (http://[0-9.]+:[0-9]+)")
 
 
@@ -66,6 +80,14 @@ def gated_job(
         "command": [sys.executable, "-c", _GATED_SCRIPT, str(log), str(gate)],
         "timeout": "30s",
     }
+
+
+def socket_activation_prefix(fd: int) -> list[str]:
+    """Return the exec wrapper argv that passes ``fd`` to ghappd as fd 3.
+
+    Start the child with ``pass_fds=[fd]``.
+    """
+    return [sys.executable, "-c", _LISTEN_WRAPPER, str(fd)]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import sqlite3
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from fixtures_process import (
     gated_job,
     group_alive,
     read_job_log,
+    socket_activation_prefix,
     starts,
     wait_for,
 )
@@ -31,19 +31,6 @@ from fixtures_process import (
 from daemon.sandbox import Emulator
 
 REPO = f"{ACCOUNT}/hello"
-
-# Runs argv[2:] as this same process, with fd argv[1] moved to fd 3 and
-# LISTEN_PID set to its own pid, as systemd's socket activation passes it.
-_LISTEN_WRAPPER = """
-import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.environ["LISTEN_FDS"] = "1"
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 
 
 def _pull_request(emulator: Emulator, number: int = 7) -> dict[str, Any]:
@@ -291,12 +278,7 @@ async def test_socket_activation_serves_webhook(
         daemon = await spawn_daemon(
             config,
             pass_fds=[listener.fileno()],
-            prefix=[
-                sys.executable,
-                "-c",
-                _LISTEN_WRAPPER,
-                str(listener.fileno()),
-            ],
+            prefix=socket_activation_prefix(listener.fileno()),
         )
     finally:
         listener.close()
