@@ -107,7 +107,9 @@ def create_app(
 
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
     app.add_url_rule("/readyz", "readyz", readyz, methods=["GET"])
-    for rule in ("/", "/<path:path>"):
+    # The static rule for the webhook path at start-up spares werkzeug's
+    # regex match of the catch-all rules, which serve the path after a reload.
+    for rule in (settings().webhook_path, "/", "/<path:path>"):
         app.add_url_rule(
             rule,
             "route",
