@@ -7,6 +7,7 @@ any payload, however odd, yields a :class:`Route` and never an exception.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 
 # A push whose "after" is all zeros deleted the branch: there is no commit.
 _NULL_SHA = "0" * 40
+# Commit ids as git names them: 40 (SHA-1) or 64 (SHA-256) lowercase hex
+# digits. Anything else in a payload never becomes a job's commit, as it
+# would reach API paths and git.
+_SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +170,8 @@ def _rejection(
         return "draft pull request and skip_drafts = true"
     if target.deleted:
         return "the push deleted the branch, so there is no commit to check"
+    if target.sha is not None and _SHA_RE.fullmatch(target.sha) is None:
+        return f"the delivery's commit {target.sha!r} is not a commit id"
     if target.sha is None and target.fetch_ref is None:
         return "the delivery names no commit or ref to check out"
     if rule.report == "comment" and target.issue_number is None:

@@ -34,9 +34,15 @@ from daemon.errors import (
 )
 from daemon.github.client import GitHubClient
 from daemon.jobs.annotations import parse_annotations
-from daemon.jobs.report import Reporter
+from daemon.jobs.report import MAX_OUTPUT_CHARS, Reporter, fit
 from daemon.jobs.runner import CommandResult, build_environment, run_command
-from daemon.jobs.workspace import WorkspaceRoot, job_event_path, job_home
+from daemon.jobs.workspace import (
+    WorkspaceRoot,
+    job_event_path,
+    job_home,
+    validate_ref,
+    validate_sha,
+)
 from daemon.journal import Journal, State
 from daemon.routing import JobSpec
 
@@ -52,6 +58,8 @@ CANCELLED = "cancelled"
 SKIPPED = "skipped"
 # Seconds a report made during cancellation or shutdown may take.
 _SHIELDED_REPORT_TIMEOUT = 10.0
+# Characters of output that fit in a check run's text with its code fence.
+_TEXT_ROOM = MAX_OUTPUT_CHARS - len("```\n\n```")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +132,8 @@ class JobExecutor:
             summary=(
                 "ghappd failed while running this job"
                 f" ({type(error).__name__}); its log has the details under"
-                f" delivery {job.delivery.id}."
+                f" delivery {job.delivery.id}. Redeliver that webhook to run"
+                " the job again once the cause is fixed."
             ),
         )
 
@@ -295,7 +304,8 @@ class JobExecutor:
             )
             sha = _dig(pull, "head", "sha")
         else:
-            ref = (job.fetch_ref or "").removeprefix("refs/")
+            # The ref comes from the payload and goes into a URL path.
+            ref = validate_ref(job.fetch_ref or "").removeprefix("refs/")
             path = f"/repos/{job.repository}/commits/{ref}"
             commit = await self.client.installation_request(
                 job.installation_id, "GET", path
@@ -308,7 +318,7 @@ class JobExecutor:
                 method="GET",
                 path=path,
             )
-        return sha
+        return validate_sha(sha)
 
     async def _report_result(
         self, job: JobSpec, result: CommandResult, checkout: Path
@@ -337,12 +347,21 @@ class JobExecutor:
             lines.append(f"It reported {len(parsed.annotations)} annotations.")
         for note in parsed.unlocated[:20]:
             lines.append(f"- {note['annotation_level']}: {note['message']}")
-        if result.truncated:
+        if result.timed_out:
+            lines.append(
+                "Its process group was stopped. If the command needs longer,"
+                f" raise `timeout` of the `{job.name}` job in the ghappd"
+                " configuration."
+            )
+        # The tail of the output is kept, and cut before it is fenced, so
+        # the code block always opens and closes.
+        output = fit(result.output.replace("```", "'''"), _TEXT_ROOM)
+        if result.truncated or len(output) < len(result.output):
             lines.append(
                 f"The output was {result.output_bytes} bytes; the last"
-                f" {len(result.output.encode())} are shown."
+                f" {len(output.encode())} are shown."
             )
-        text = "```\n" + result.output.replace("```", "'''") + "\n```"
+        text = "```\n" + output + "\n```"
         log.info("job %s concluded %s", job.external_id, conclusion)
         await self.reporter.complete(
             job,
