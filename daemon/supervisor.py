@@ -19,6 +19,7 @@ journal, and then cancels the rest.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -36,7 +37,13 @@ from daemon.github.client import GitHubClient
 from daemon.intake import Admission, IntakeSettings, Readiness, create_app, serve_intake
 from daemon.jobs.execute import JobExecutor, JobSettings
 from daemon.jobs.workspace import WorkspaceRoot
-from daemon.journal import Journal, MemoryJournal, RecordOutcome, SqliteJournal
+from daemon.journal import (
+    Journal,
+    MemoryJournal,
+    RecordOutcome,
+    RecordResult,
+    SqliteJournal,
+)
 from daemon.lanes import Dispatcher
 from daemon.listen import prepare_binds, set_close_on_exec
 from daemon.notify import Notifier
@@ -67,11 +74,24 @@ class _Sink:
     Until the journal's unfinished deliveries have been dispatched at
     startup, new ones are held back in ``held``, so every installation's
     deliveries reach its lane in the order they were accepted.
+
+    The lanes require deliveries in ``seq`` order: a lane skips one whose
+    ``seq`` is below one it already ran. Concurrent ``record`` calls
+    return in any order, because trio wakes the tasks of one group commit
+    in an arbitrary order, so each call takes a ticket before it records
+    and the dispatcher receives results in ticket order. Tickets follow
+    seq order because :class:`SqliteJournal` assigns seqs in the order its
+    calls were made (one FIFO queue to its writer thread), and calls to
+    any other journal are serialized by a lock.
     """
 
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
         self.held: list[tuple[int, Delivery]] | None = []
+        self._tickets = itertools.count()
+        self._next_release = 0
+        self._recorded: dict[int, tuple[int, Delivery] | None] = {}
+        self._record_lock = trio.Lock()
 
     async def admit(self, delivery: Delivery) -> Admission:
         daemon = self._daemon
@@ -87,22 +107,42 @@ class _Sink:
         # Shielded: once the journal has the delivery it must also reach
         # the dispatcher, even if GitHub hangs up while the commit runs.
         with trio.CancelScope(shield=True):
+            ticket = next(self._tickets)
+            accepted: tuple[int, Delivery] | None = None
             try:
-                result = await daemon.journal.record(delivery)
+                result = await self._record(delivery)
+                if result.accepted:
+                    accepted = (result.seq, delivery)
             except JournalError as exc:
                 log.error("delivery %s not recorded: %s", delivery.id, exc)
                 return Admission.FULL
-            if not result.accepted:
-                return Admission.DUPLICATE
-            if result.outcome is RecordOutcome.RERUN:
-                log.info(
-                    "delivery %s redelivered after it finished: rerun", delivery.id
-                )
-            if self.held is not None:
-                self.held.append((result.seq, delivery))
-            else:
-                daemon.dispatcher.submit(result.seq, delivery)
+            finally:
+                self._release(ticket, accepted)
+        if not result.accepted:
+            return Admission.DUPLICATE
+        if result.outcome is RecordOutcome.RERUN:
+            log.info("delivery %s redelivered after it finished: rerun", delivery.id)
         return Admission.ACCEPTED
+
+    async def _record(self, delivery: Delivery) -> RecordResult:
+        journal = self._daemon.journal
+        if isinstance(journal, SqliteJournal):
+            return await journal.record(delivery)
+        async with self._record_lock:
+            return await journal.record(delivery)
+
+    def _release(self, ticket: int, accepted: tuple[int, Delivery] | None) -> None:
+        """Dispatch every recorded delivery whose earlier tickets are done."""
+        self._recorded[ticket] = accepted
+        while self._next_release in self._recorded:
+            item = self._recorded.pop(self._next_release)
+            self._next_release += 1
+            if item is None:
+                continue
+            if self.held is not None:
+                self.held.append(item)
+            else:
+                self._daemon.dispatcher.submit(*item)
 
 
 class Daemon:
