@@ -398,27 +398,15 @@ class _Loader:
             },
         )
         app = self.load_app(data)
-        server = self.load_server(data)
-        queue = self.load_queue(data)
-        github = self.load_github(data)
-        workspaces = self.load_workspaces(data)
-        runner = self.load_runner(data)
-        journal = self.load_journal(data)
-        logging = self.load_logging(data)
+        sections = {name: self.load_section(data, name) for name in _SECTIONS}
         jobs = self.load_jobs(data)
         if self.errors or app is None:
             return None
         return Config(
             path=path,
             app=app,
-            server=server,
-            queue=queue,
-            github=github,
-            workspaces=workspaces,
-            runner=runner,
-            journal=journal,
-            logging=logging,
             jobs=jobs,
+            **sections,
         )
 
     def load_app(self, data: Mapping[str, Any]) -> AppConfig | None:
@@ -534,298 +522,24 @@ class _Loader:
             return Path(directory) / path
         return self.base / path
 
-    def load_server(self, data: Mapping[str, Any]) -> ServerConfig:
-        where = "[server]"
-        table = self.table(
-            data,
-            "server",
-            {
-                "listen",
-                "webhook_path",
-                "max_body_size",
-                "dedup_window",
-                "dedup_max_entries",
-            },
-        )
-        defaults = ServerConfig()
-        listen = self.get(
-            table,
-            where,
-            "listen",
-            _listen_list,
-            'a non-empty list of "HOST:PORT" or "fd://N" strings',
-            defaults.listen,
-        )
-        path = self.get(
-            table,
-            where,
-            "webhook_path",
-            _url_path,
-            'a URL path starting with "/"',
-            defaults.webhook_path,
-        )
-        max_body = self.get(
-            table,
-            where,
-            "max_body_size",
-            _positive(parse_size),
-            'a positive size in bytes or a string like "25MiB"',
-            defaults.max_body_size,
-        )
-        window = self.get(
-            table,
-            where,
-            "dedup_window",
-            _positive(parse_duration),
-            'a positive duration in seconds or a string like "1h"',
-            defaults.dedup_window,
-        )
-        entries = self.get(
-            table,
-            where,
-            "dedup_max_entries",
-            _positive_int,
-            "a positive integer",
-            defaults.dedup_max_entries,
-        )
-        return ServerConfig(
-            listen=listen or defaults.listen,
-            webhook_path=path or defaults.webhook_path,
-            max_body_size=max_body or defaults.max_body_size,
-            dedup_window=window or defaults.dedup_window,
-            dedup_max_entries=entries or defaults.dedup_max_entries,
-        )
-
-    def load_queue(self, data: Mapping[str, Any]) -> QueueConfig:
-        where = "[queue]"
-        table = self.table(
-            data,
-            "queue",
-            {
-                "max_concurrent_jobs",
-                "intake_capacity",
-                "lane_capacity",
-                "shutdown_grace",
-            },
-        )
-        defaults = QueueConfig()
-        values = {
-            key: self.get(
-                table,
-                where,
-                key,
-                _positive_int,
-                "a positive integer",
-                getattr(defaults, key),
+    def load_section(self, data: Mapping[str, Any], name: str) -> Any:
+        """Build the dataclass of table ``[name]`` from its :data:`_SECTIONS` keys."""
+        cls, keys = _SECTIONS[name]
+        table = self.table(data, name, {key.name for key in keys})
+        defaults = cls()
+        values: dict[str, object] = {}
+        for key in keys:
+            default = getattr(defaults, key.name)
+            value = self.get(
+                table, f"[{name}]", key.name, key.convert, key.expected, default
             )
-            for key in ("max_concurrent_jobs", "intake_capacity", "lane_capacity")
-        }
-        grace = self.get(
-            table,
-            where,
-            "shutdown_grace",
-            parse_duration,
-            'a duration in seconds or a string like "30s"',
-            defaults.shutdown_grace,
-        )
-        return QueueConfig(
-            max_concurrent_jobs=values["max_concurrent_jobs"] or 1,
-            intake_capacity=values["intake_capacity"] or 1,
-            lane_capacity=values["lane_capacity"] or 1,
-            shutdown_grace=defaults.shutdown_grace if grace is None else grace,
-        )
-
-    def load_github(self, data: Mapping[str, Any]) -> GitHubConfig:
-        where = "[github]"
-        table = self.table(
-            data,
-            "github",
-            {
-                "max_concurrent_requests",
-                "max_retries",
-                "max_rate_limit_wait",
-                "request_timeout",
-            },
-        )
-        defaults = GitHubConfig()
-        concurrent = self.get(
-            table,
-            where,
-            "max_concurrent_requests",
-            _bounded_int(1, 100),
-            "an integer from 1 to 100 (GitHub's secondary rate limit allows"
-            " at most 100 concurrent requests)",
-            defaults.max_concurrent_requests,
-        )
-        retries = self.get(
-            table,
-            where,
-            "max_retries",
-            _bounded_int(0, 20),
-            "an integer from 0 to 20",
-            defaults.max_retries,
-        )
-        wait = self.get(
-            table,
-            where,
-            "max_rate_limit_wait",
-            parse_duration,
-            'a duration in seconds or a string like "15m"',
-            defaults.max_rate_limit_wait,
-        )
-        timeout = self.get(
-            table,
-            where,
-            "request_timeout",
-            _positive(parse_duration),
-            'a positive duration in seconds or a string like "30s"',
-            defaults.request_timeout,
-        )
-        return GitHubConfig(
-            max_concurrent_requests=concurrent or defaults.max_concurrent_requests,
-            max_retries=defaults.max_retries if retries is None else retries,
-            max_rate_limit_wait=defaults.max_rate_limit_wait if wait is None else wait,
-            request_timeout=timeout or defaults.request_timeout,
-        )
-
-    def load_workspaces(self, data: Mapping[str, Any]) -> WorkspacesConfig:
-        where = "[workspaces]"
-        table = self.table(data, "workspaces", {"root"})
-        root = self.get(table, where, "root", _text, "a directory path", "workspaces")
-        return WorkspacesConfig(
-            root=self.directory_path(root or "workspaces", "CACHE_DIRECTORY")
-        )
-
-    def load_runner(self, data: Mapping[str, Any]) -> RunnerConfig:
-        where = "[runner]"
-        table = self.table(
-            data, "runner", {"nice", "kill_grace", "output_limit", "git_timeout"}
-        )
-        defaults = RunnerConfig()
-        nice = self.get(
-            table,
-            where,
-            "nice",
-            _bounded_int(0, 19),
-            "an integer from 0 to 19 (added to the daemon's own niceness)",
-            defaults.nice,
-        )
-        grace = self.get(
-            table,
-            where,
-            "kill_grace",
-            parse_duration,
-            'a duration in seconds or a string like "10s"',
-            defaults.kill_grace,
-        )
-        limit = self.get(
-            table,
-            where,
-            "output_limit",
-            _positive(parse_size),
-            'a positive size in bytes or a string like "1MiB"',
-            defaults.output_limit,
-        )
-        git_timeout = self.get(
-            table,
-            where,
-            "git_timeout",
-            _positive(parse_duration),
-            'a positive duration in seconds or a string like "5m"',
-            defaults.git_timeout,
-        )
-        return RunnerConfig(
-            nice=defaults.nice if nice is None else nice,
-            kill_grace=defaults.kill_grace if grace is None else grace,
-            output_limit=limit or defaults.output_limit,
-            git_timeout=git_timeout or defaults.git_timeout,
-        )
-
-    def load_journal(self, data: Mapping[str, Any]) -> JournalConfig:
-        where = "[journal]"
-        table = self.table(
-            data,
-            "journal",
-            {
-                "enabled",
-                "path",
-                "retention",
-                "max_size",
-                "redeliver_missed",
-                "redeliver_window",
-            },
-        )
-        defaults = JournalConfig()
-        enabled = self.get(table, where, "enabled", _bool, "true or false", True)
-        path = self.get(table, where, "path", _text, "a file path", "journal.sqlite3")
-        retention = self.get(
-            table,
-            where,
-            "retention",
-            _positive(parse_duration),
-            'a positive duration in seconds or a string like "7d"',
-            defaults.retention,
-        )
-        max_size = self.get(
-            table,
-            where,
-            "max_size",
-            _positive(parse_size),
-            'a positive size in bytes or a string like "1GiB"',
-            defaults.max_size,
-        )
-        redeliver = self.get(
-            table, where, "redeliver_missed", _bool, "true or false", True
-        )
-        window = self.get(
-            table,
-            where,
-            "redeliver_window",
-            _positive(parse_duration),
-            'a positive duration in seconds or a string like "3d"',
-            defaults.redeliver_window,
-        )
-        return JournalConfig(
-            enabled=True if enabled is None else enabled,
-            path=self.directory_path(path or "journal.sqlite3", "STATE_DIRECTORY"),
-            retention=retention or defaults.retention,
-            max_size=max_size or defaults.max_size,
-            redeliver_missed=True if redeliver is None else redeliver,
-            redeliver_window=window or defaults.redeliver_window,
-        )
-
-    def load_logging(self, data: Mapping[str, Any]) -> LoggingConfig:
-        where = "[logging]"
-        table = self.table(data, "logging", {"format", "level", "journal_socket"})
-        fmt = self.get(
-            table,
-            where,
-            "format",
-            _choice("auto", "journal", "json", "console"),
-            'one of "auto", "journal", "json", "console"',
-            "auto",
-        )
-        level = self.get(
-            table,
-            where,
-            "level",
-            _choice("debug", "info", "warning", "error"),
-            'one of "debug", "info", "warning", "error"',
-            "info",
-        )
-        socket = self.get(
-            table,
-            where,
-            "journal_socket",
-            _text,
-            "a socket path",
-            _JOURNAL_SOCKET,
-        )
-        return LoggingConfig(
-            format=fmt or "auto",  # type: ignore[arg-type]
-            level=level or "info",  # type: ignore[arg-type]
-            journal_socket=socket or _JOURNAL_SOCKET,
-        )
+            if value is None:
+                # The error is recorded; the default keeps the rest going.
+                value = default
+            if key.directory is not None:
+                value = self.directory_path(str(value), key.directory)
+            values[key.name] = value
+        return cls(**values)
 
     def load_jobs(self, data: Mapping[str, Any]) -> tuple[JobRule, ...]:
         raw = data.get("jobs", [])
@@ -1118,3 +832,118 @@ def _env_table(value: object) -> dict[str, str]:
             raise ValueError(value)
         result[key] = item
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One key of a table: its converter and the expected value, for messages.
+
+    ``directory`` names the environment variable a relative path resolves
+    against (else the configuration file's folder).
+    """
+
+    name: str
+    convert: Callable[[object], object]
+    expected: str
+    directory: str | None = None
+
+
+_COUNT = "a positive integer"
+
+
+def _duration(example: str, *, positive: bool = True) -> str:
+    prefix = "a positive duration" if positive else "a duration"
+    return f'{prefix} in seconds or a string like "{example}"'
+
+
+def _size(example: str) -> str:
+    return f'a positive size in bytes or a string like "{example}"'
+
+
+_SECTIONS: dict[str, tuple[type, tuple[_Key, ...]]] = {
+    "server": (
+        ServerConfig,
+        (
+            _Key(
+                "listen",
+                _listen_list,
+                'a non-empty list of "HOST:PORT" or "fd://N" strings',
+            ),
+            _Key("webhook_path", _url_path, 'a URL path starting with "/"'),
+            _Key("max_body_size", _positive(parse_size), _size("25MiB")),
+            _Key("dedup_window", _positive(parse_duration), _duration("1h")),
+            _Key("dedup_max_entries", _positive_int, _COUNT),
+        ),
+    ),
+    "queue": (
+        QueueConfig,
+        (
+            _Key("max_concurrent_jobs", _positive_int, _COUNT),
+            _Key("intake_capacity", _positive_int, _COUNT),
+            _Key("lane_capacity", _positive_int, _COUNT),
+            _Key("shutdown_grace", parse_duration, _duration("30s", positive=False)),
+        ),
+    ),
+    "github": (
+        GitHubConfig,
+        (
+            _Key(
+                "max_concurrent_requests",
+                _bounded_int(1, 100),
+                "an integer from 1 to 100 (GitHub's secondary rate limit allows"
+                " at most 100 concurrent requests)",
+            ),
+            _Key("max_retries", _bounded_int(0, 20), "an integer from 0 to 20"),
+            _Key(
+                "max_rate_limit_wait",
+                parse_duration,
+                _duration("15m", positive=False),
+            ),
+            _Key("request_timeout", _positive(parse_duration), _duration("30s")),
+        ),
+    ),
+    "workspaces": (
+        WorkspacesConfig,
+        (_Key("root", _text, "a directory path", directory="CACHE_DIRECTORY"),),
+    ),
+    "runner": (
+        RunnerConfig,
+        (
+            _Key(
+                "nice",
+                _bounded_int(0, 19),
+                "an integer from 0 to 19 (added to the daemon's own niceness)",
+            ),
+            _Key("kill_grace", parse_duration, _duration("10s", positive=False)),
+            _Key("output_limit", _positive(parse_size), _size("1MiB")),
+            _Key("git_timeout", _positive(parse_duration), _duration("5m")),
+        ),
+    ),
+    "journal": (
+        JournalConfig,
+        (
+            _Key("enabled", _bool, "true or false"),
+            _Key("path", _text, "a file path", directory="STATE_DIRECTORY"),
+            _Key("retention", _positive(parse_duration), _duration("7d")),
+            _Key("max_size", _positive(parse_size), _size("1GiB")),
+            _Key("redeliver_missed", _bool, "true or false"),
+            _Key("redeliver_window", _positive(parse_duration), _duration("3d")),
+        ),
+    ),
+    "logging": (
+        LoggingConfig,
+        (
+            _Key(
+                "format",
+                _choice("auto", "journal", "json", "console"),
+                'one of "auto", "journal", "json", "console"',
+            ),
+            _Key(
+                "level",
+                _choice("debug", "info", "warning", "error"),
+                'one of "debug", "info", "warning", "error"',
+            ),
+            _Key("journal_socket", _text, "a socket path"),
+        ),
+    ),
+}
