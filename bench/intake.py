@@ -6,12 +6,15 @@ is the load generator. It opens ``--connections`` keep-alive connections
 and sends ``--requests`` signed ``pull_request`` deliveries (a real
 payload from tests/fixtures/webhooks), each with its own delivery id,
 after ``--warmup`` requests that are not measured. Three servers take
-turns for ``--rounds`` rounds: ``bare`` (a quart-trio route that only
-checks the HMAC and parses the JSON), ``ghappd`` (the intake app with a
-MemorySink whose channel a task drains, logging at INFO) and
-``ghappd-quiet`` (the same with logging at WARNING, so without the one
-record per accepted delivery), in an order that rotates each round. It
-prints requests per second and latency
+turns for ``--rounds`` rounds, in an order that rotates each round:
+
+- ``bare``, a quart-trio route that only checks the HMAC and parses the JSON
+- ``ghappd``, the intake app with a MemorySink whose channel a task drains,
+  logging at INFO
+- ``ghappd-quiet``, the same with logging at WARNING, so without the one
+  record per accepted delivery
+
+It prints requests per second and latency
 percentiles of each round, then the medians and their ratio to ``bare``.
 ``--profile DIR`` runs bare and ghappd once more under cProfile and
 writes ``DIR/{bare,ghappd}.prof`` with text summaries beside them.
@@ -76,8 +79,8 @@ def _bare_app() -> Any:
     async def receive() -> Response:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         expected = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
-        given = request.headers.get("X-Hub-Signature-256", "")
-        if not hmac.compare_digest(expected, given):
+        received = request.headers.get("X-Hub-Signature-256", "")
+        if not hmac.compare_digest(expected, received):
             return Response('{"error": "bad signature"}', status=401)
         json.loads(body)
         document = {
@@ -137,7 +140,7 @@ def _ghappd_app(nursery: trio.Nursery) -> Any:
 
 def serve_main(kind: str, log_level: str, profile: Path | None) -> None:
     """Serve one app until SIGTERM, under cProfile when ``profile`` is set."""
-    # Logs go to /dev/null through a stdlib StreamHandler: at INFO the intake
+    # Logs go to /dev/null through a stdlib StreamHandler. At INFO the intake
     # pays for its one record per delivery, but for no terminal I/O.
     with open(os.devnull, "w") as devnull:
         logging.basicConfig(level=log_level, stream=devnull)
@@ -312,8 +315,8 @@ def process_cpu(pid: int) -> float:
     """Return the user plus system CPU seconds process ``pid`` has used.
 
     Read from ``/proc/PID/stat`` (Linux), in clock ticks of 10 ms on most
-    kernels. Unlike requests per second, this does not depend on what else
-    the machine runs.
+    kernels. This depends less than requests per second on what else the
+    machine runs, but still moves with it (shared caches, frequency).
     """
     stat = Path(f"/proc/{pid}/stat").read_text()
     # Fields after the command name, which is in parentheses and may hold spaces.
@@ -412,7 +415,7 @@ def main() -> None:
         "--connections", type=int, default=16, help="concurrent keep-alive connections"
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds per server, interleaved"
+        "--rounds", type=int, default=3, help="rounds, each running every server once"
     )
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds allowed per request"
