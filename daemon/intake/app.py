@@ -72,8 +72,8 @@ def create_app(
 ) -> QuartTrio:
     """Build the intake app.
 
-    ``settings`` is called once per request, so a reload takes effect for
-    the next delivery, including a new ``webhook_path``. Each verified
+    ``settings`` is called once here and once per request, so a reload
+    takes effect for the next delivery, including a new ``webhook_path``. Each verified
     delivery except ``ping`` goes to ``sink.admit``. ``GET /healthz``
     returns 200 while the loop runs. ``GET /readyz`` returns 200 when
     ``readiness.ready``, else 503 with the unmet flags and their reasons.

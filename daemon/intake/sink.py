@@ -32,5 +32,7 @@ class DeliverySink(Protocol):
         so an implementation must never wait on a job, a clone or a GitHub
         API call. A :class:`~daemon.errors.GhappdError` it raises gives a
         503 response. Any other exception propagates as a server error.
+        quart-trio cancels the call when the client disconnects, so an
+        implementation must leave no half-recorded delivery when cancelled.
         """
         ...
