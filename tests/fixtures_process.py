@@ -29,7 +29,7 @@ import pytest
 import trio
 from fixtures_daemon import sign
 
-# The longest a test waits for a child process to act, in seconds. Waits
+# The maximum time a test waits for a child process to act, in seconds. Waits
 # end as soon as their condition holds; this bound only stops a broken test.
 PROCESS_WAIT = 30.0
 GHAPPD = (sys.executable, "-m", "daemon")
@@ -55,7 +55,7 @@ with open(log, "a") as out:
 
 # Runs argv[2:] as this same process, with fd argv[1] moved to fd 3 and
 # LISTEN_FDS/LISTEN_PID set as systemd's socket activation sets them
-# (sd_listen_fds(3)), so LISTEN_PID is the pid ghappd sees as its own.
+# (sd_listen_fds(3)), so LISTEN_PID matches the pid of ghappd itself.
 _LISTEN_WRAPPER = """
 import os, sys
 fd = int(sys.argv[1])

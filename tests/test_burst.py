@@ -2,8 +2,8 @@
 
 The daemon runs in-process with its real intake over HTTP and its real
 SQLite journal. Its job executor is replaced by a recording fake, so what
-is under test is intake, journal and lanes: a lane channel of 100 holds
-a small part of the burst, and the rest must come back from the journal
+is under test is intake, journal and lanes: a lane channel with room for 100
+is a small part of the burst, and the rest must come back from the journal
 in order.
 """
 

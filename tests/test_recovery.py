@@ -158,7 +158,7 @@ async def test_redelivery_across_restart_is_duplicate(
     assert queued_again.status_code == 200
 
     gate.touch()
-    # The job process of the killed daemon also sees the gate and ends.
+    # The job process of the killed daemon also finds the gate and ends.
     await wait_for(lambda: ends(joblog) == [5, 5, 6], what="both jobs to finish")
     await wait_for(
         lambda: (
