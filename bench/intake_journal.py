@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import hmac
 import json
-import logging
 import os
 import signal
 import socket
@@ -354,8 +353,6 @@ def report(run: Run) -> str:
 
 
 async def main(arguments: argparse.Namespace) -> None:
-    # The emulator's hypercorn would print its address on stderr.
-    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="ghappd-bench-") as name:
         directory = Path(name)
         key = generate_app_key()
