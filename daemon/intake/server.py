@@ -17,6 +17,9 @@ __all__ = ["serve_intake"]
 log = logging.getLogger(__name__)
 
 SECONDS = 1.0
+# Connections the kernel queues before the daemon accepts them; the same
+# as Backlog= in systemd/ghappd.socket.
+LISTEN_BACKLOG = 1024
 
 # A logger of the daemon's own, so a handler that another hypercorn server in
 # the process adds to "hypercorn.error" (its default) does not apply here.
@@ -53,6 +56,9 @@ async def serve_intake(
 
     config = Config()
     config.bind = list(binds)
+    # hypercorn calls listen() again on every socket, inherited ones too,
+    # with its own backlog (100 by default); keep the socket unit's.
+    config.backlog = LISTEN_BACKLOG
     config.accesslog = None
     config.errorlog = logging.getLogger(HYPERCORN_LOGGER)
     config.graceful_timeout = graceful_timeout
