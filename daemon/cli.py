@@ -130,12 +130,26 @@ def _command_run(args: argparse.Namespace) -> int:
     _configure_logging(config, secrets=daemon.secrets)
     try:
         trio.run(lambda: daemon.run(handle_signals=True))
-    except GhappdError as exc:
-        log.error("ghappd stopped on an error: %s", exc)
-        return 1
     except KeyboardInterrupt:
         return 0
+    except (GhappdError, BaseExceptionGroup) as exc:
+        error = _operational_error(exc)
+        if error is None:
+            raise
+        log.error("ghappd stopped on an error: %s", error)
+        return 1
     return 0
+
+
+def _operational_error(error: BaseException) -> GhappdError | None:
+    """Return the GhappdError that ``error`` is or that nested groups wrap alone.
+
+    An error raised inside the daemon's nurseries reaches ``trio.run``
+    wrapped in one exception group per nursery.
+    """
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, GhappdError) else None
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 
 import trio
+from quart_trio import QuartTrio
 
 from daemon import routing
 from daemon.config import Config, load_config
@@ -290,15 +291,7 @@ class Daemon:
                 if handle_signals:
                     await root.start(self._handle_signals)
                 await root.start(self._run_dispatcher)
-                self.urls = await root.start(
-                    lambda task_status: serve_intake(
-                        app,
-                        binds=binds,
-                        shutdown_trigger=self._intake_stopped.wait,
-                        readiness=self.readiness,
-                        task_status=task_status,
-                    )
-                )
+                self.urls = await self._start_intake(root, app, binds)
                 set_close_on_exec(inherited.fds)
                 await root.start(
                     lambda task_status: self.client.tokens.run_refresher(
@@ -310,6 +303,38 @@ class Daemon:
                 root.start_soon(self._housekeeping)
                 task_status.started(self.urls)
         log.info("ghappd stopped")
+
+    async def _start_intake(
+        self, root: trio.Nursery, app: QuartTrio, binds: list[str]
+    ) -> list[str]:
+        """Start the intake in ``root``; return its URLs.
+
+        Raise :class:`~daemon.errors.ConfigError` naming the addresses when
+        a socket cannot be bound (hypercorn's OSError arrives wrapped in
+        exception groups).
+        """
+        try:
+            urls: list[str] = await root.start(
+                lambda task_status: serve_intake(
+                    app,
+                    binds=binds,
+                    shutdown_trigger=self._intake_stopped.wait,
+                    readiness=self.readiness,
+                    task_status=task_status,
+                )
+            )
+        except (OSError, BaseExceptionGroup) as exc:
+            error = _only_os_error(exc)
+            if error is None:
+                raise
+            raise ConfigError(
+                [
+                    f"[server] listen: listening on {', '.join(binds)} failed"
+                    f" ({error.strerror or error}); free the address or choose"
+                    " another one"
+                ]
+            ) from exc
+        return urls
 
     def _active_installations(self) -> Iterable[int]:
         return list(self.dispatcher.lanes)
@@ -467,6 +492,13 @@ class Daemon:
         log.info("configuration reloaded from %s: %d job rules", path, len(new.jobs))
         await self.notifier.ready()
         return True
+
+
+def _only_os_error(error: BaseException) -> OSError | None:
+    """Return the OSError that ``error`` is or that nested groups wrap alone."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, OSError) else None
 
 
 def environment_secrets(daemon: Daemon) -> Callable[[], Iterable[str]]:

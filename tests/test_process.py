@@ -257,6 +257,25 @@ async def test_unreadable_journal_fails_startup(
     assert (journal / "keep").read_text() == "operator data\n"
 
 
+async def test_address_in_use_fails_startup(
+    emulator: Emulator, app_key_file: Path, tmp_path: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        host, port = taken.getsockname()
+        config = _write(
+            tmp_path, emulator, app_key_file, [], server={"listen": [f"{host}:{port}"]}
+        )
+
+        result = await _run_to_exit(config, tmp_path)
+
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert f"[server] listen: listening on {host}:{port} failed" in stderr
+    assert "Traceback" not in stderr
+
+
 # -- systemd protocols --------------------------------------------------------
 
 
