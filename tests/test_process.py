@@ -117,6 +117,10 @@ async def test_sigterm_stops_running_job(
     response = await first.post("pull_request", payload, delivery_id="term-1")
     assert response.status_code == 202
     await wait_for(lambda: starts(joblog) == [7], what="the job to start")
+    queued = await first.post(
+        "pull_request", _pull_request(emulator, 8), delivery_id="term-2"
+    )
+    assert queued.status_code == 202
     [line] = read_job_log(joblog)
     assert line.pgid is not None
     workspaces = tmp_path / "daemon" / "workspaces"
@@ -133,13 +137,19 @@ async def test_sigterm_stops_running_job(
 
     gate.touch()
     await spawn_daemon(config)
-    await wait_for(lambda: _completed(emulator, "term-1:slow"), what="the rerun")
-    assert starts(joblog) == [7, 7]
-    runs = [
-        r for r in emulator.check_runs.values() if r["external_id"] == "term-1:slow"
-    ]
-    assert len(runs) == 1
-    assert runs[0]["conclusion"] == "success"
+    await wait_for(
+        lambda: (
+            _completed(emulator, "term-1:slow") and _completed(emulator, "term-2:slow")
+        ),
+        what="the interrupted and the queued job",
+    )
+    assert starts(joblog) == [7, 7, 8]
+    for external_id in ("term-1:slow", "term-2:slow"):
+        runs = [
+            r for r in emulator.check_runs.values() if r["external_id"] == external_id
+        ]
+        assert len(runs) == 1, external_id
+        assert runs[0]["conclusion"] == "success", external_id
 
 
 async def test_sighup_applies_new_rules(
