@@ -258,6 +258,7 @@ class Lane:
         """Run or report ``job``; return False if shutdown left it to run later."""
         executor = self._dispatcher.executor
         with context.bind(job=job.name, repository=job.repository):
+            await self._dispatcher._queued_report_done(job)
             if self._cancelled(seq):
                 await self._report_cancelled(job)
                 return True
@@ -341,6 +342,8 @@ class Dispatcher:
         self._reports: trio.Nursery | None = None
         self._latest: dict[tuple[str, int, str], _Latest] = {}
         self._done: OrderedDict[tuple[str, int, str, str], str] = OrderedDict()
+        # One event per job whose queued report is under way, by external id.
+        self._queued_reports: dict[str, trio.Event] = {}
         self._stopping = False
         self._stopped = trio.Event()
         self.lanes_started = 0
@@ -416,10 +419,22 @@ class Dispatcher:
             if key is not None:
                 self._latest[key] = _Latest(seq, job.sha, delivery.id)
             assert self._reports is not None
-            self._reports.start_soon(self._report_queued, job, ahead)
+            done = self._queued_reports.setdefault(job.external_id, trio.Event())
+            self._reports.start_soon(self._report_queued, job, ahead, done)
         lane.offer(LaneItem(seq, delivery, jobs))
 
-    async def _report_queued(self, job: JobSpec, ahead: int) -> None:
+    async def _queued_report_done(self, job: JobSpec) -> None:
+        """Wait until the job's queued report, if one is under way, has ended.
+
+        The queued report runs in its own task, so without this wait a job
+        that ends at once could be completed on GitHub first, and the
+        queued report would then turn the completed check run back.
+        """
+        done = self._queued_reports.pop(job.external_id, None)
+        if done is not None:
+            await done.wait()
+
+    async def _report_queued(self, job: JobSpec, ahead: int, done: trio.Event) -> None:
         with context.bind(
             delivery_id=job.delivery.id,
             installation_id=job.installation_id,
@@ -430,6 +445,8 @@ class Dispatcher:
                 await self.executor.queued(job, ahead=ahead)
             except Exception:
                 log.exception("reporting job %s as queued failed", job.external_id)
+            finally:
+                done.set()
 
     def _finish_later(self, delivery_id: str) -> None:
         assert self._reports is not None

@@ -81,8 +81,8 @@ class HookedJournal(MemoryJournal):
 def pull_request(
     delivery_id: str, *, installation_id: int = 1, number: int | None = None
 ) -> Delivery:
-    # Each delivery is its own pull request unless a test says otherwise,
-    # so none supersedes another.
+    # Each delivery is its own pull request unless the caller passes a
+    # number, so none supersedes another.
     number = number if number is not None else next(_numbers)
     payload = {
         "action": "opened",
@@ -438,3 +438,28 @@ async def test_finished_delivery_not_left_after_stop(setup: Setup) -> None:
     await trio.testing.wait_all_tasks_blocked()
 
     assert await setup.journal.unfinished() == []
+
+
+async def test_job_reports_wait_for_queued_report(setup: Setup) -> None:
+    gate = trio.Event()
+    executor = setup.executor
+    plain_queued = executor.queued
+
+    async def slow_queued(job: JobSpec, *, ahead: int) -> None:
+        with trio.fail_after(BOUND):
+            await gate.wait()
+        await plain_queued(job, ahead=ahead)
+
+    executor.queued = slow_queued  # type: ignore[method-assign]
+
+    await setup.submit(pull_request("quick"))
+    await trio.testing.wait_all_tasks_blocked()
+
+    assert executor.events == []
+    gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert executor.events == [
+        ("queued", "quick"),
+        ("start", "quick"),
+        ("end", "quick"),
+    ]

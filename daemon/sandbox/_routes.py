@@ -385,8 +385,8 @@ def _add_commit_routes(app: QuartTrio, emulator: Emulator) -> None:
     @app.get("/repos/<owner>/<repo>/commits/<path:ref>")
     async def get_commit(owner: str, repo: str, ref: str) -> Any:
         # "Get a commit" (docs.github.com/en/rest/commits/commits) takes a
-        # sha, a branch name or a ref such as heads/main; an unknown one is
-        # answered 422.
+        # sha, a branch name or a ref such as heads/main. GitHub returns 422
+        # for a ref that names no commit.
         _authorize(emulator, owner, repo, "contents", "read")
         full_name = f"{owner}/{repo}"
         sha = None
