@@ -183,3 +183,53 @@ async def test_redelivery_across_restart_is_duplicate(
     assert len(runs["dup-run:slow"]) == 1
     assert len(runs["dup-queued:slow"]) == 1
     assert starts(joblog) == [5, 5, 6, 5]
+
+
+async def test_kill_right_after_accept(
+    emulator: Emulator, app_key_file: Path, tmp_path: Path, spawn_daemon: SpawnDaemon
+) -> None:
+    # The kill lands while queued check runs are being created, so some
+    # may exist on GitHub without their id in the journal.
+    heads = _setup(emulator)
+    joblog, gate = tmp_path / "slow.joblog", tmp_path / "gate"
+    gate.touch()
+    config = _config(tmp_path, emulator, app_key_file, joblog, gate)
+    first = await spawn_daemon(config)
+    expected = set()
+    for number in range(1, 6):
+        for installation_id, (repo, head) in heads.items():
+            payload = pull_request_payload(
+                repository=repo,
+                number=number,
+                head_sha=head,
+                installation_id=installation_id,
+            )
+            delivery_id = f"early-{installation_id}-{number}"
+            response = await first.post(
+                "pull_request", payload, delivery_id=delivery_id
+            )
+            assert response.status_code == 202
+            expected.add(f"{delivery_id}:slow")
+
+    first.signal(signal.SIGKILL)
+    await first.wait_exit()
+    await spawn_daemon(config)
+
+    await wait_for(
+        lambda: (
+            {
+                run["external_id"]
+                for run in emulator.check_runs.values()
+                if run["status"] == "completed"
+            }
+            >= expected
+        ),
+        what="every check run completed",
+    )
+    runs = _runs_by_external_id(emulator)
+    assert set(runs) == expected
+    for external_id in expected:
+        assert len(runs[external_id]) == 1, external_id
+    for installation_id in heads:
+        numbers = list(dict.fromkeys(starts(joblog, installation_id)))
+        assert numbers == [1, 2, 3, 4, 5]
