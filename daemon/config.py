@@ -74,6 +74,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PERMISSION_LEVELS = ("read", "write")
 _JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _DEFAULT_JOB_TIMEOUT = 10 * MINUTES
+# Webhook secrets shorter than this are rejected: they are easy to guess,
+# and the log redaction filter skips strings this short.
+_MIN_WEBHOOK_SECRET = 8
 _NO_TEXT: tuple[str, ...] = ()
 _NO_ENV: dict[str, str] = {}
 
@@ -465,10 +468,12 @@ class _Loader:
             )
             if secret is not None:
                 secret = Secret(secret.reveal().strip(), source=secret.source)
-                if not secret.reveal():
+                if len(secret.reveal()) < _MIN_WEBHOOK_SECRET:
                     self.error(
                         f"{where} webhook_secret_files[{index}]",
-                        f"file {secret.source!r} contains only whitespace",
+                        f"file {secret.source!r} holds a secret of"
+                        f" {len(secret.reveal())} bytes; use a random string of"
+                        f" at least {_MIN_WEBHOOK_SECRET} characters",
                     )
                     continue
                 secrets.append(secret)

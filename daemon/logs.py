@@ -34,6 +34,7 @@ from daemon.context import current_fields
 
 __all__ = [
     "JOURNAL_SOCKET",
+    "MIN_SECRET_LENGTH",
     "REDACTED",
     "ConsoleFormatter",
     "ContextFilter",
@@ -90,6 +91,9 @@ _SEND_TIMEOUT = 1.0
 # caps the value at net.core.wmem_max.
 _SEND_BUFFER = 8 * 1024 * 1024
 
+# Shorter secrets are not searched for in log text.
+MIN_SECRET_LENGTH = 8
+
 # Used when no memfd can be made: the MESSAGE is cut to this many bytes.
 _TRUNCATED_MESSAGE = 48 * 1024
 
@@ -99,9 +103,12 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     ``[REDACTED]``.
 
     Longer secrets are replaced first, so one that contains another is
-    removed whole. Empty strings in ``secrets`` are skipped.
+    removed whole. Secrets shorter than :data:`MIN_SECRET_LENGTH` are
+    skipped: they would match ordinary words, and the configuration
+    rejects webhook secrets that short.
     """
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+    candidates = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+    for secret in sorted(candidates, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return _TOKEN_PATTERN.sub(REDACTED, text)
 

@@ -25,7 +25,7 @@ command = ["ruff", "check", "."]
 
 def write(tmp_path: Path, text: str) -> Path:
     (tmp_path / "key.pem").write_text("-----BEGIN RSA PRIVATE KEY-----\nx\n")
-    (tmp_path / "secret").write_text("s3cret\n")
+    (tmp_path / "secret").write_text("s3cret-value\n")
     path = tmp_path / "config.toml"
     path.write_text(textwrap.dedent(text))
     return path
@@ -41,7 +41,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
     example = Path(__file__).parent.parent / "config.toml"
     path = write(tmp_path, example.read_text())
     (tmp_path / "private-key.pem").write_text("key")
-    (tmp_path / "webhook-secret").write_text("secret")
+    (tmp_path / "webhook-secret").write_text("secret-value")
     config = load_config(path, environ={})
     assert config.app.id == 4242
     assert config.jobs[0].command == ("ruff", "check", "--output-format=github", ".")
@@ -52,8 +52,8 @@ def test_example_config_loads(tmp_path: Path) -> None:
 def test_defaults_and_secret_masking(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, APP + JOB), environ={})
     assert config.queue.max_concurrent_jobs == 4
-    assert config.app.webhook_secrets[0].reveal() == b"s3cret"
-    assert "s3cret" not in repr(config)
+    assert config.app.webhook_secrets[0].reveal() == b"s3cret-value"
+    assert "s3cret-value" not in repr(config)
     assert config.jobs[0].timeout == 600
     assert config.workspaces.root == tmp_path / "workspaces"
     assert config.journal.path == tmp_path / "journal.sqlite3"
@@ -63,7 +63,7 @@ def test_credentials_directory_resolves_secrets(tmp_path: Path) -> None:
     credentials = tmp_path / "creds"
     credentials.mkdir()
     (credentials / "key.pem").write_text("other key")
-    (credentials / "secret").write_text("rotated")
+    (credentials / "secret").write_text("rotated-secret")
     path = write(tmp_path, APP)
     config = load_config(
         path,
@@ -74,7 +74,7 @@ def test_credentials_directory_resolves_secrets(tmp_path: Path) -> None:
         },
     )
     assert config.app.private_key.reveal() == b"other key"
-    assert config.app.webhook_secrets[0].reveal() == b"rotated"
+    assert config.app.webhook_secrets[0].reveal() == b"rotated-secret"
     assert config.journal.path == Path("/var/lib/ghappd/journal.sqlite3")
     assert config.workspaces.root == Path("/var/cache/ghappd/workspaces")
 
@@ -209,6 +209,17 @@ def test_empty_secret_file_rejected(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
         match=r"^config\.toml: \[app\] webhook_secret_files\[0\] file .* is empty$",
+    ):
+        load_config(path, environ={})
+
+
+def test_short_webhook_secret_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, APP)
+    (tmp_path / "secret").write_text("short\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"^config\.toml: \[app\] webhook_secret_files\[0\] file .* holds a"
+        r" secret of 5 bytes; use a random string of at least 8 characters$",
     ):
         load_config(path, environ={})
 

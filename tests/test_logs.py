@@ -533,3 +533,7 @@ def test_configure_auto_uses_journal(
     assert isinstance(handler, JournalHandler)
     assert journal.receive()["MESSAGE"] == "to the journal"
     assert (tmp_path / "stderr").read_text() == ""
+
+
+def test_short_secret_not_redacted() -> None:
+    assert redact("ghappd starting", ["s"]) == "ghappd starting"
