@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -122,6 +123,9 @@ def _command_run(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     _configure_logging(config)
+    # systemd's watchdog ends a hung daemon with SIGABRT; faulthandler then
+    # writes every thread's stack to stderr, which journald records.
+    faulthandler.enable()
     try:
         daemon = Daemon(config)
     except GhappdError as exc:
