@@ -94,13 +94,15 @@ async def start(
     """
     caplog.set_level(logging.DEBUG)
     yield start_daemon
-    leaked = [
-        secret
-        for secret in secrets_seen(emulator)
-        if secret in caplog.text
-        or any(secret in str(record.args) for record in caplog.records)
-    ]
-    assert leaked == []
+    secrets = secrets_seen(emulator)
+    leaking_loggers = {
+        record.name
+        for record in caplog.records
+        for text in [record.getMessage() + str(record.exc_text)]
+        if any(secret in text for secret in secrets)
+    }
+    assert leaking_loggers == set()
+    assert not any(secret in caplog.text for secret in secrets)
 
 
 def secrets_seen(emulator: Emulator) -> set[str]:

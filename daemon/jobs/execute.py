@@ -87,7 +87,8 @@ class JobExecutor:
         self.workspaces = workspaces
         self.settings = settings
         self.reporter = Reporter(client=client, journal=journal)
-        self.command_cpu_seconds = 0.0
+        # Wall-clock seconds the job commands ran, summed over all jobs.
+        self.command_seconds = 0.0
 
     # -- the lane's calls ---------------------------------------------------
 
@@ -292,7 +293,7 @@ class JobExecutor:
                 nice=runner.nice,
                 output_limit=runner.output_limit,
             )
-            self.command_cpu_seconds += result.duration
+            self.command_seconds += result.duration
             await self._report_result(_with_sha(job, sha), result, checkout)
 
     async def _resolve_sha(self, job: JobSpec) -> str:

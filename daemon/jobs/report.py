@@ -187,8 +187,10 @@ class Reporter:
     ) -> None:
         """Complete the job's report with ``conclusion`` and the output.
 
-        Annotations go 50 per request: the first batch with the completion,
-        the rest in further updates, each of which GitHub appends.
+        The completion carries no annotations, so it can be retried safely.
+        Annotations follow, 50 per request, in updates that GitHub appends
+        to the check run and that are not retried, because a retry after a
+        lost answer would add a batch twice.
         """
         if job.report == "comment":
             await self.comment(job, body=_comment_body(job, conclusion, summary, text))
@@ -206,8 +208,6 @@ class Reporter:
             list(annotations[i : i + MAX_ANNOTATIONS_PER_REQUEST])
             for i in range(0, len(annotations), MAX_ANNOTATIONS_PER_REQUEST)
         ]
-        if batches:
-            output["annotations"] = batches[0]
         body = {
             "status": "completed",
             "conclusion": conclusion,
@@ -215,7 +215,7 @@ class Reporter:
             "output": output,
         }
         run_id = await self.check_run(job, state=State.FINISHED, body=body)
-        for batch in batches[1:]:
+        for batch in batches:
             await self._request(
                 job,
                 "PATCH",
