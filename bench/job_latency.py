@@ -22,6 +22,10 @@ Two measurements:
   ``RUSAGE_CHILDREN`` is that of the reaped children, which are git and
   the command. Both are given per job, with their ratio.
 
+``--profile FILE`` runs the batch under cProfile and writes its
+statistics to FILE, with the top functions by cumulative time in
+FILE.txt.
+
 Everything listens on 127.0.0.1, and every wait is bounded by
 ``--timeout`` seconds.
 """
@@ -30,11 +34,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
+import pstats
 import resource
 import statistics
 import subprocess
@@ -64,17 +71,20 @@ FIXTURE = REPO / "tests" / "fixtures" / "webhooks" / "pull_request.json"
 # -- the emulator's process -------------------------------------------------
 
 
-async def _serve_emulator(directory: Path, key: bytes) -> None:
+async def _serve_emulator(directory: Path, key: bytes, commits: int) -> None:
     emulator = Emulator(app_id=APP_ID, public_key=key, repos_root=directory / "repos")
     emulator.add_installation(INSTALLATION_ID, account="octo-org")
-    sha = emulator.create_repository(
-        REPOSITORY, {"README.md": "bench\n", "app.py": "x = 1\n"}
-    )
+    emulator.create_repository(REPOSITORY, {"README.md": "bench\n"})
+    # One commit per pull request, so no job's check run lookup lists the
+    # check runs of the jobs before it.
+    shas = [
+        emulator.commit(REPOSITORY, {"app.py": f"x = {n}\n"}, branch=f"pr-{n}")
+        for n in range(commits)
+    ]
     async with trio.open_nursery() as nursery:
         await nursery.start(emulator.serve)
-        print(
-            json.dumps({"api": emulator.api_url, "git": emulator.git_url, "sha": sha})
-        )
+        urls = {"api": emulator.api_url, "git": emulator.git_url, "shas": shas}
+        print(json.dumps(urls))
         sys.stdout.flush()
         # Serve until the parent process closes stdin.
         await trio.to_thread.run_sync(sys.stdin.read)
@@ -134,10 +144,10 @@ def _payload(template: dict[str, Any], number: int, sha: str) -> bytes:
 
 
 class _Poster:
-    def __init__(self, http: httpx.AsyncClient, url: str, sha: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, url: str, shas: list[str]) -> None:
         self.http = http
         self.url = url
-        self.sha = sha
+        self.shas = shas
         self.number = 0
         fixtures = json.loads(FIXTURE.read_text())
         self.template = next(p for p in fixtures if p.get("action") == "opened")
@@ -145,7 +155,7 @@ class _Poster:
     async def post(self) -> float:
         """Post the delivery of a new pull request; return the time of the 202."""
         self.number += 1
-        body = _payload(self.template, self.number, self.sha)
+        body = _payload(self.template, self.number, self.shas[self.number - 1])
         signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
         response = await self.http.post(
             self.url,
@@ -194,7 +204,14 @@ async def _bench(args: argparse.Namespace, directory: Path) -> None:
     (directory / "emulator").mkdir()
 
     child = subprocess.Popen(
-        [sys.executable, __file__, "--serve-emulator", str(directory / "emulator")],
+        [
+            sys.executable,
+            __file__,
+            "--serve-emulator",
+            str(directory / "emulator"),
+            "--commits",
+            str(args.warmup + args.runs + args.batch),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ, "BENCH_KEY": key.decode()},
@@ -210,7 +227,7 @@ async def _bench(args: argparse.Namespace, directory: Path) -> None:
             await _wait(
                 lambda: daemon.readiness.ready, timeout=args.timeout, what="ready"
             )
-            poster = _Poster(http, url + config.server.webhook_path, urls["sha"])
+            poster = _Poster(http, url + config.server.webhook_path, urls["shas"])
 
             latencies = []
             for _ in range(args.warmup + args.runs):
@@ -230,6 +247,9 @@ async def _bench(args: argparse.Namespace, directory: Path) -> None:
             latencies = latencies[args.warmup :]
 
             count = len(_stamps(stamps))
+            profiler = cProfile.Profile() if args.profile else None
+            if profiler is not None:
+                profiler.enable()
             self_before = resource.getrusage(resource.RUSAGE_SELF)
             children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             wall_before = time.perf_counter()
@@ -246,6 +266,9 @@ async def _bench(args: argparse.Namespace, directory: Path) -> None:
             wall = time.perf_counter() - wall_before
             self_after = resource.getrusage(resource.RUSAGE_SELF)
             children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if profiler is not None:
+                profiler.disable()
+                _write_profile(profiler, args.profile)
 
             daemon.shutdown()
     finally:
@@ -272,6 +295,15 @@ async def _bench(args: argparse.Namespace, directory: Path) -> None:
     print(f"  wall per job                           {wall / args.batch * ms:7.1f} ms")
 
 
+def _write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    profiler.dump_stats(path)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(40)
+    path.with_name(path.name + ".txt").write_text(text.getvalue())
+    print(f"profile written to {path} and {path}.txt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="latency runs")
@@ -280,11 +312,16 @@ def main() -> None:
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds any one wait may take"
     )
+    parser.add_argument(
+        "--profile", type=Path, help="write cProfile statistics of the batch here"
+    )
     parser.add_argument("--serve-emulator", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--commits", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.serve_emulator is not None:
-        trio.run(_serve_emulator, args.serve_emulator, os.environ["BENCH_KEY"].encode())
+        key = os.environ["BENCH_KEY"].encode()
+        trio.run(_serve_emulator, args.serve_emulator, key, args.commits)
         return
     with tempfile.TemporaryDirectory(prefix="ghappd-bench-") as directory:
         trio.run(_bench, args, Path(directory))
