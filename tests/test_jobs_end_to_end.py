@@ -678,6 +678,48 @@ async def test_issue_comment_on_pull_request_reports_as_comment(
     assert harness.check_runs() == []
 
 
+def issue_payload(emulator: Emulator, *, default_branch: str) -> dict[str, Any]:
+    payload = fixture_payload("issues", "opened")
+    payload["installation"] = {"id": INSTALLATION_ID}
+    payload["repository"]["full_name"] = REPO
+    payload["repository"]["default_branch"] = default_branch
+    payload["issue"]["number"] = 5
+    return payload
+
+
+async def test_issue_runs_on_default_branch_tip(
+    emulator: Emulator, start: StartDaemon, base: str, script: Path, out: Path
+) -> None:
+    tip = emulator.commit(REPO, {"a.py": "tip\n"})
+    harness = await start(jobs=[job("triage", script, out, on=["issues.opened"])])
+
+    await harness.post(
+        "issues", issue_payload(emulator, default_branch="main"), delivery_id="issue"
+    )
+
+    await harness.wait_until(lambda: emulator.comments, what="comment")
+    [comment] = emulator.comments.values()
+    assert emulator.comment_issue[comment["id"]] == (REPO, 5)
+    assert "**triage**: success" in comment["body"]
+    assert log_lines(out) == [f"start 5@{tip[:12]}", f"end 5@{tip[:12]}"]
+
+
+async def test_invalid_default_branch_never_reaches_api_path(
+    emulator: Emulator, start: StartDaemon, base: str, script: Path, out: Path
+) -> None:
+    harness = await start(jobs=[job("triage", script, out, on=["issues.opened"])])
+    payload = issue_payload(emulator, default_branch="../../../app")
+
+    await harness.post("issues", payload, delivery_id="bad-branch")
+
+    await harness.wait_until(lambda: emulator.comments, what="comment")
+    [comment] = emulator.comments.values()
+    assert "**triage**: failure" in comment["body"]
+    assert "invalid git ref" in comment["body"]
+    assert not any("/commits/" in request.path for request in emulator.requests)
+    assert log_lines(out) == []
+
+
 async def test_many_annotations_go_fifty_per_request(
     emulator: Emulator, start: StartDaemon, base: str
 ) -> None:
