@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from daemon.errors import GitHubError
+from daemon.errors import GhappdError, GitHubError
 from daemon.github.client import GitHubClient
 from daemon.jobs.annotations import Annotation
 from daemon.journal import Journal, State
@@ -215,27 +215,43 @@ class Reporter:
             "output": output,
         }
         run_id = await self.check_run(job, state=State.FINISHED, body=body)
+        sent = 0
         for batch in batches:
-            await self._request(
-                job,
-                "PATCH",
-                f"/repos/{job.repository}/check-runs/{run_id}",
-                {
-                    "output": {
-                        "title": output["title"],
-                        "summary": output["summary"],
-                        "annotations": batch,
-                    }
-                },
-                idempotent=False,
-            )
+            try:
+                await self._request(
+                    job,
+                    "PATCH",
+                    f"/repos/{job.repository}/check-runs/{run_id}",
+                    {
+                        "output": {
+                            "title": output["title"],
+                            "summary": output["summary"],
+                            "annotations": batch,
+                        }
+                    },
+                    idempotent=False,
+                )
+            except GhappdError as exc:
+                # The check run is complete already: a lost batch must not
+                # turn its conclusion into a failure of ghappd.
+                log.warning(
+                    "check run %d: annotations %d to %d of %d not sent: %s",
+                    run_id,
+                    sent + 1,
+                    len(annotations),
+                    len(annotations),
+                    exc,
+                )
+                break
+            sent += len(batch)
         await self.journal.set_job(
             job.delivery.id, job.name, state=State.FINISHED, conclusion=conclusion
         )
         log.info(
-            "check run %d completed: %s, %d annotations",
+            "check run %d completed: %s, %d of %d annotations sent",
             run_id,
             conclusion,
+            sent,
             len(annotations),
         )
 
