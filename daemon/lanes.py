@@ -279,9 +279,11 @@ class Lane:
                 self.running = job
                 self._running_seq = seq
                 self._job_scope = trio.CancelScope()
+                ran = False
                 with self._job_scope:
                     try:
                         await executor.run(job)
+                        ran = True
                     except Exception as exc:
                         log.exception("job %s raised", job.external_id)
                         with trio.CancelScope(shield=True):
@@ -297,7 +299,9 @@ class Lane:
                     await executor.interrupted(job)
                 self._stopping = True
                 return False
-            self._dispatcher._job_done(job, seq)
+            # A job that raised inside ghappd does not count as run, so
+            # another delivery for its commit runs it again.
+            self._dispatcher._job_done(job, seq, ran=ran)
             return True
 
     async def _report_cancelled(self, job: JobSpec) -> None:
@@ -478,14 +482,16 @@ class Dispatcher:
                 return f"already ran for commit {job.sha} (delivery {done})"
         return None
 
-    def _job_done(self, job: JobSpec, seq: int) -> None:
+    def _job_done(self, job: JobSpec, seq: int, *, ran: bool) -> None:
         key = job.supersede_key
         if key is None or job.sha is None:
+            return
+        latest = self._latest.get(key)
+        if latest is not None and latest.seq <= seq:
+            del self._latest[key]
+        if not ran:
             return
         self._done[(*key, job.sha)] = job.delivery.id
         self._done.move_to_end((*key, job.sha))
         while len(self._done) > _DONE_MEMORY:
             self._done.popitem(last=False)
-        latest = self._latest.get(key)
-        if latest is not None and latest.seq <= seq:
-            del self._latest[key]

@@ -463,3 +463,29 @@ async def test_job_reports_wait_for_queued_report(setup: Setup) -> None:
         ("start", "quick"),
         ("end", "quick"),
     ]
+
+
+async def test_commit_runs_again_after_job_raised(setup: Setup) -> None:
+    async def explode(job: JobSpec) -> None:
+        raise RuntimeError("injected")
+
+    setup.executor.hooks["first"] = explode
+    await setup.submit(pull_request("first", number=7))
+    await trio.testing.wait_all_tasks_blocked()
+
+    await setup.submit(pull_request("second", number=7))
+    await trio.testing.wait_all_tasks_blocked()
+
+    assert setup.executor.of("failed: RuntimeError") == ["first"]
+    assert setup.executor.of("end") == ["second"]
+
+
+async def test_commit_that_ran_is_skipped_next_time(setup: Setup) -> None:
+    await setup.submit(pull_request("first", number=7))
+    await trio.testing.wait_all_tasks_blocked()
+
+    await setup.submit(pull_request("second", number=7))
+    await trio.testing.wait_all_tasks_blocked()
+
+    assert setup.executor.of("end") == ["first"]
+    assert setup.executor.of("skipped") == ["second"]
