@@ -112,6 +112,8 @@ class _Sink:
             accepted: tuple[int, Delivery] | None = None
             try:
                 result = await self._record(delivery)
+                if result.outcome is RecordOutcome.NEW:
+                    daemon.executor.reporter.fresh.add(delivery.id)
                 if result.accepted:
                     accepted = (result.seq, delivery)
             except JournalError as exc:

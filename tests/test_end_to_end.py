@@ -33,7 +33,10 @@ async def test_pull_request_gets_check_run(
     response = await harness.post("pull_request", payload, delivery_id="e2e-1")
 
     assert response.status_code == 202
+    # Annotations follow the completion in further updates; the lane
+    # closes once the job is done with them.
     await harness.wait_until(lambda: harness.completed("ruff"), what="check run")
+    await harness.wait_until(lambda: not harness.daemon.dispatcher.lanes, what="lane")
     [run] = harness.check_runs("ruff")
     assert run["head_sha"] == head
     assert run["external_id"] == "e2e-1:ruff"

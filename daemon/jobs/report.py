@@ -61,6 +61,11 @@ class Reporter:
         # One lock per job, so the queued report and the job's start never
         # both find no check run and both create one.
         self._locks: dict[str, trio.Lock] = {}
+        # Deliveries the journal recorded as new in this process: no check
+        # run of theirs can exist yet, so the lookup on GitHub is skipped.
+        # NOTE: a delivery pruned from the journal and then redelivered is
+        # new again although its old check run exists; it gets a second one.
+        self.fresh: set[str] = set()
 
     async def _request(
         self, job: JobSpec, method: str, path: str, body: object, *, idempotent: bool
@@ -123,7 +128,7 @@ class Reporter:
         try:
             async with lock:
                 run_id = await self._known_id(job)
-                if run_id is None:
+                if run_id is None and job.delivery.id not in self.fresh:
                     run_id = await self._find_on_github(job)
                 if run_id is not None:
                     await self._request(
@@ -190,8 +195,32 @@ class Reporter:
         The completion carries no annotations, so it can be retried safely.
         Annotations follow, 50 per request, in updates that GitHub appends
         to the check run and that are not retried, because a retry after a
-        lost answer would add a batch twice.
+        lost answer would add a batch twice. Afterwards the report's id is
+        dropped from memory; the journal keeps it for a rerun.
         """
+        try:
+            await self._complete(
+                job,
+                conclusion=conclusion,
+                title=title,
+                summary=summary,
+                text=text,
+                annotations=annotations,
+            )
+        finally:
+            self._ids.pop(job.external_id, None)
+            self.fresh.discard(job.delivery.id)
+
+    async def _complete(
+        self,
+        job: JobSpec,
+        *,
+        conclusion: str,
+        title: str,
+        summary: str,
+        text: str | None,
+        annotations: Sequence[Annotation],
+    ) -> None:
         if job.report == "comment":
             await self.comment(job, body=_comment_body(job, conclusion, summary, text))
             await self.journal.set_job(

@@ -478,7 +478,7 @@ class WorkspaceRoot:
                 raise WorkspaceError(
                     f"checkout of {repository!r} at {sha} timed out after "
                     f"{timeout:g} s; check that {base_url} is reachable, or "
-                    "raise the job's timeout"
+                    "raise [runner] git_timeout"
                 ) from None
         except BaseException:
             await self.remove(checkout)

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 import trio
@@ -30,6 +30,9 @@ import trio
 from daemon.config import load_config
 from daemon.errors import ConfigError
 from daemon.sandbox.emulator import Emulator, generate_app_key
+
+if TYPE_CHECKING:
+    from daemon.supervisor import Daemon
 
 __all__ = ["SANDBOX_REPOSITORY", "run_sandbox", "sandbox_payload"]
 
@@ -245,7 +248,7 @@ async def run_sandbox(*, config_path: Path | None, out: TextIO = sys.stdout) -> 
                 file=out,
             )
             names = {job["name"] for job in jobs if _matches_opened(job)}
-            runs = await _wait_for_check_runs(emulator, head_sha, names)
+            runs = await _wait_for_check_runs(emulator, daemon, head_sha, names)
             daemon.shutdown()
             nursery.cancel_scope.cancel()
 
@@ -270,19 +273,25 @@ def _matches_opened(job: Mapping[str, Any]) -> bool:
 
 
 async def _wait_for_check_runs(
-    emulator: Emulator, head_sha: str, names: set[str]
+    emulator: Emulator, daemon: Daemon, head_sha: str, names: set[str]
 ) -> list[dict[str, Any]]:
+    """Wait until the check runs are completed and the daemon's lanes closed.
+
+    Annotations arrive in updates after the completion, and a lane closes
+    only once its job has sent them.
+    """
+
+    def runs() -> list[dict[str, Any]]:
+        return [
+            run
+            for run in emulator.check_runs.values()
+            if run.get("head_sha") == head_sha and run.get("name") in names
+        ]
+
     with trio.move_on_after(_WAIT):
         while True:
-            runs = [
-                run
-                for run in emulator.check_runs.values()
-                if run.get("head_sha") == head_sha and run.get("name") in names
-            ]
-            done = [run for run in runs if run.get("status") == "completed"]
-            if len(done) == len(names):
+            done = [run for run in runs() if run.get("status") == "completed"]
+            if len(done) == len(names) and not daemon.dispatcher.lanes:
                 return done
             await trio.sleep(0.1)
-    return [
-        run for run in emulator.check_runs.values() if run.get("head_sha") == head_sha
-    ]
+    return runs()
