@@ -762,3 +762,13 @@ async def test_cancelled_record_stays_consistent(tmp_path: Path) -> None:
     expected = RecordOutcome.DUPLICATE if committed else RecordOutcome.NEW
     assert again.outcome is expected
     assert [entry.delivery.id for entry in unfinished] == ["a"]
+
+
+async def test_second_open_of_same_file_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    async with SqliteJournal(path=path):
+        in_use = r"^journal file '.*' is in use by another ghappd process"
+        with pytest.raises(JournalError, match=in_use):
+            await SqliteJournal(path=path).open()
+    async with SqliteJournal(path=path):
+        pass

@@ -58,20 +58,25 @@ CREATE TABLE meta (
 """
 
 
+def make_directory(path: Path) -> None:
+    """Create the journal's folder (mode 0700) if it is missing."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JournalError(
+            f"journal file {str(path)!r}: creating the directory "
+            f"{str(path.parent)!r} failed ({exc.strerror}); make it a directory "
+            f"that the ghappd user can write, or choose another path"
+        ) from exc
+
+
 def open_database(path: Path) -> tuple[sqlite3.Connection, int]:
     """Open the journal at ``path``, creating it if needed.
 
     Return the connection and the number of deliveries queued again.
     """
     name = str(path)
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise JournalError(
-            f"journal file {name!r}: creating the directory "
-            f"{str(path.parent)!r} failed ({exc.strerror}); make it a directory "
-            f"that the ghappd user can write, or choose another path"
-        ) from exc
+    make_directory(path)
 
     try:
         connection = sqlite3.connect(

@@ -8,6 +8,7 @@ before it.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
@@ -19,8 +20,9 @@ from typing import Self
 import trio
 
 from daemon.delivery import Delivery
+from daemon.errors import JournalError
 from daemon.journal import _queries
-from daemon.journal._schema import SCHEMA_VERSION, open_database
+from daemon.journal._schema import SCHEMA_VERSION, make_directory, open_database
 from daemon.journal._writer import GroupCommitWriter
 from daemon.journal.interface import (
     JobRecord,
@@ -65,6 +67,7 @@ class SqliteJournal(Journal):
         self._max_size = max_size
         self._max_batch = max_batch
         self._writer: GroupCommitWriter | None = None
+        self._lock_fd: int | None = None
 
     @property
     def path(self) -> Path:
@@ -85,7 +88,15 @@ class SqliteJournal(Journal):
                 f"journal {self._name!r} was opened before; a SqliteJournal opens "
                 f"once, so create a new one"
             )
-        connection, requeued = await trio.to_thread.run_sync(open_database, self._path)
+        self._lock_fd = await trio.to_thread.run_sync(_lock, self._path)
+        try:
+            connection, requeued = await trio.to_thread.run_sync(
+                open_database, self._path
+            )
+        except BaseException:
+            _unlock(self._lock_fd)
+            self._lock_fd = None
+            raise
         self._writer = GroupCommitWriter(
             connection=connection, path=self._name, max_batch=self._max_batch
         )
@@ -107,6 +118,9 @@ class SqliteJournal(Journal):
         if self._writer is None:
             return
         await self._writer.stop()
+        if self._lock_fd is not None:
+            _unlock(self._lock_fd)
+            self._lock_fd = None
         log.info("journal %s closed", self._name)
 
     async def __aenter__(self) -> Self:
@@ -230,3 +244,38 @@ class SqliteJournal(Journal):
             lambda connection: _queries.known(connection, wanted),
             name="looking up delivery ids",
         )
+
+
+def _lock(path: Path) -> int:
+    """Take the journal's lock file, so two daemons never share one journal.
+
+    The lock is ``<path>.lock``, held with ``flock`` for as long as the
+    journal is open; the kernel releases it when the process dies.
+    Raises :class:`~daemon.errors.JournalError` when another process holds
+    it or it cannot be created.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    make_directory(path)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise JournalError(
+            f"journal file {str(path)!r}: cannot create its lock file"
+            f" {str(lock_path)!r}: {exc.strerror}; check [journal] path and the"
+            " folder's permissions"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JournalError(
+            f"journal file {str(path)!r} is in use by another ghappd process"
+            f" (it holds {str(lock_path)!r}); stop that daemon, or give this one"
+            " its own [journal] path"
+        ) from None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
