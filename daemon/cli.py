@@ -103,7 +103,7 @@ def _command_check_config(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return 2
     sys.stdout.write(format_config(config))
-    print(f"# {args.config}: valid, {len(config.jobs)} job rules", file=sys.stderr)
+    print(f"# {args.config}: valid; job rules: {len(config.jobs)}", file=sys.stderr)
     return 0
 
 

@@ -176,7 +176,7 @@ class Lane:
                     # the removal, so no delivery is sent to a closed lane.
                     self._dispatcher._lane_closed(self)
                     log.info(
-                        "lane %s closed after %d jobs",
+                        "lane %s closed; jobs run: %d",
                         self.installation_id,
                         self.jobs_run,
                     )

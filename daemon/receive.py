@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import trio
 
@@ -56,36 +58,37 @@ async def receive(config: Config, delivery: Delivery) -> int:
     """
     client = _client(config)
     journal = MemoryJournal()
-    async with (
-        client,
-        journal,
-        WorkspaceRoot(root=config.workspaces.root) as workspaces,
-    ):
-        identity = await client.verify_app()
-        result = routing.route(delivery, config.jobs, app_slug=identity.slug)
-        for reason in result.reasons:
-            print(f"not run: {reason}")
-        if not result.jobs:
-            print(f"no rule runs for {delivery.event}.{delivery.action or ''}")
-            return 1
-        await journal.record(delivery)
-        executor = JobExecutor(
-            client=client,
-            journal=journal,
-            workspaces=workspaces,
-            settings=lambda: JobSettings(
-                api_url=config.app.api_url,
-                git_url=config.app.git_url,
-                runner=config.runner,
-            ),
-        )
-        for job in result.jobs:
-            print(f"running {job.name} on {job.repository} {job.sha or job.fetch_ref}")
-            await executor.queued(job, ahead=0)
-            await executor.run(job)
-            for record in await journal.jobs(delivery.id):
-                if record.job_name == job.name:
-                    print(f"{job.name}: {record.conclusion}")
+    # A workspace root of its own, because a running daemon holds the lock
+    # of the configured one.
+    with tempfile.TemporaryDirectory(prefix="ghappd-receive-") as scratch:
+        root = WorkspaceRoot(root=Path(scratch) / "workspaces")
+        async with client, journal, root as workspaces:
+            identity = await client.verify_app()
+            result = routing.route(delivery, config.jobs, app_slug=identity.slug)
+            for reason in result.reasons:
+                print(f"not run: {reason}")
+            if not result.jobs:
+                print(f"no rule runs for {delivery.event}.{delivery.action or ''}")
+                return 1
+            await journal.record(delivery)
+            executor = JobExecutor(
+                client=client,
+                journal=journal,
+                workspaces=workspaces,
+                settings=lambda: JobSettings(
+                    api_url=config.app.api_url,
+                    git_url=config.app.git_url,
+                    runner=config.runner,
+                ),
+            )
+            for job in result.jobs:
+                target = job.sha or job.fetch_ref
+                print(f"running {job.name} on {job.repository} {target}")
+                await executor.queued(job, ahead=0)
+                await executor.run(job)
+                for record in await journal.jobs(delivery.id):
+                    if record.job_name == job.name:
+                        print(f"{job.name}: {record.conclusion}")
     return 0
 
 

@@ -269,7 +269,7 @@ class Daemon:
             list(config.server.listen), environ=self._environ
         )
         log.info(
-            "ghappd starting: App %s, %d job rules", config.app.id, len(config.jobs)
+            "ghappd starting: App %s, job rules: %d", config.app.id, len(config.jobs)
         )
 
         async with self.client, self.journal, self.workspaces:
@@ -390,9 +390,7 @@ class Daemon:
                 return await self.client.verify_app()
             except GhappdError as exc:
                 self.readiness.fail("credentials_accepted", str(exc))
-                log.error(
-                    "App credentials not accepted, retrying in %.0f s: %s", delay, exc
-                )
+                log.error("GitHub App check failed, retrying in %.0f s: %s", delay, exc)
             await trio.sleep(delay)
             delay = min(delay * 2, _CREDENTIALS_RETRY_MAX)
 
@@ -480,7 +478,7 @@ class Daemon:
         except ConfigError as exc:
             for error in exc.errors:
                 log.error("reload rejected: %s", error)
-            await self.notifier.ready()
+            await self._reloaded()
             return False
         for name in ("server", "journal", "workspaces"):
             old_value, new_value = getattr(self.config, name), getattr(new, name)
@@ -491,9 +489,15 @@ class Daemon:
         self.config = new
         self.limiter.total_tokens = new.queue.max_concurrent_jobs
         self.dispatcher.lane_capacity = new.queue.lane_capacity
-        log.info("configuration reloaded from %s: %d job rules", path, len(new.jobs))
-        await self.notifier.ready()
+        log.info("configuration reloaded from %s: job rules: %d", path, len(new.jobs))
+        await self._reloaded()
         return True
+
+    async def _reloaded(self) -> None:
+        # READY=1 ends the reload for systemd. Before the App's credentials
+        # were accepted the daemon was never ready, and startup sends it.
+        if self.identity is not None:
+            await self.notifier.ready()
 
 
 def _only_os_error(error: BaseException) -> OSError | None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trio
+from fixtures_daemon import fixture_payload, pull_request_payload, write_config
+from fixtures_emulator import ACCOUNT, INSTALLATION_ID
 
-from daemon.sandbox import generate_app_key
+from daemon.sandbox import Emulator, generate_app_key
 
 REPO_ROOT = Path(__file__).parent.parent
 
@@ -40,7 +44,7 @@ def test_check_config_prints_effective_config(config_dir: Path) -> None:
     assert "[queue]\nmax_concurrent_jobs = 4" in result.stdout
     assert "do-not-print-me" not in result.stdout + result.stderr
     assert "<secret from " in result.stdout
-    assert "valid, 1 job rules" in result.stderr
+    assert "valid; job rules: 1" in result.stderr
 
 
 def test_check_config_reports_errors(config_dir: Path) -> None:
@@ -92,3 +96,65 @@ def test_sandbox_prints_completed_check_run(tmp_path: Path) -> None:
 
 def test_generated_key_is_pkcs1() -> None:
     assert generate_app_key().startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+
+
+async def receive(config: Path, payload: Path) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [
+            *(sys.executable, "-m", "daemon", "receive", "--config", str(config)),
+            *("--event", "pull_request", "--payload", str(payload)),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+
+
+async def test_receive_runs_one_payload(
+    emulator: Emulator, app_key_file: Path, tmp_path: Path
+) -> None:
+    emulator.create_repository(f"{ACCOUNT}/hello", {"README.md": "hello\n"})
+    head = emulator.commit(f"{ACCOUNT}/hello", {"a.py": "x = 1\n"}, branch="feature")
+    config = write_config(
+        tmp_path,
+        emulator=emulator,
+        key_file=app_key_file,
+        jobs=[{"name": "check", "on": ["pull_request.opened"], "command": ["true"]}],
+    )
+    payload = tmp_path / "payload.json"
+    payload.write_text(
+        json.dumps(
+            pull_request_payload(
+                repository=f"{ACCOUNT}/hello",
+                number=3,
+                head_sha=head,
+                installation_id=INSTALLATION_ID,
+            )
+        )
+    )
+
+    result = await receive(config, payload)
+
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"check: success" in result.stdout
+    [run] = emulator.check_runs.values()
+    assert run["conclusion"] == "success"
+    assert run["head_sha"] == head
+
+
+async def test_receive_without_matching_rule(
+    emulator: Emulator, app_key_file: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        emulator=emulator,
+        key_file=app_key_file,
+        jobs=[{"name": "check", "on": ["push"], "command": ["true"]}],
+    )
+    payload = tmp_path / "payload.json"
+    payload.write_text(json.dumps(fixture_payload("pull_request", "opened")))
+
+    result = await receive(config, payload)
+
+    assert result.returncode == 1
+    assert b"no rule runs for pull_request.opened" in result.stdout

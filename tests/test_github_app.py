@@ -375,8 +375,8 @@ async def test_verify_app_unreachable(
     async with GitHubClient(api_url=url, app=app, max_attempts=2) as client:
         with pytest.raises(
             GitHubUnavailable,
-            match=rf"^cannot reach GitHub at '{url}' to check the App credentials "
-            r"\(GET /app .*ConnectError after 2 attempts.*\); check api_url",
+            match=rf"^the App credentials could not be checked: GET /app to '{url}'"
+            r" failed \(ConnectError: .+\) after 2 attempts; .*fix \[app\] api_url$",
         ):
             await client.verify_app()
 

@@ -181,8 +181,8 @@ async def test_connection_refused_gives_up(
     ) as client:
         with pytest.raises(
             GitHubUnavailable,
-            match=r"^POST /app/installations/1/access_tokens to .* failed with "
-            r"ConnectError after 3 attempts",
+            match=r"^POST /app/installations/1/access_tokens to .* failed "
+            r"\(ConnectError: .+\) after 3 attempts",
         ):
             await client.app_request("POST", "/app/installations/1/access_tokens")
     messages = _messages(caplog)

@@ -165,7 +165,7 @@ async def test_sighup_applies_new_rules(
 
     _write(tmp_path, emulator, app_key_file, [_true_job("first"), _true_job("second")])
     daemon.signal(signal.SIGHUP)
-    await daemon.wait_log(r"configuration reloaded from .*: 2 job rules")
+    await daemon.wait_log(r"configuration reloaded from .*: job rules: 2")
     await daemon.post("pull_request", _pull_request(emulator, 2), delivery_id="hup-2")
 
     await wait_for(

@@ -307,8 +307,7 @@ class GitHubClient:
             data = await self.app_request("GET", "/app")
         except GitHubUnavailable as exc:
             raise GitHubUnavailable(
-                f"cannot reach GitHub at {self.api_url!r} to check the App "
-                f"credentials ({exc}); check api_url and the network"
+                f"the App credentials could not be checked: {exc}, or fix [app] api_url"
             ) from exc
         except RateLimited:
             raise

@@ -210,9 +210,10 @@ class Sender:
                 if retryable
                 else "and was not retried because it is not idempotent"
             )
+            detail = f"{name}: {exc}" if str(exc) else name
             raise GitHubUnavailable(
-                f"{call.method} {call.path} to {self._api_url!r} failed with "
-                f"{name} {reason}; check that GitHub is reachable from this host"
+                f"{call.method} {call.path} to {self._api_url!r} failed ({detail})"
+                f" {reason}; check that GitHub is reachable from this host"
             ) from exc
 
         delay = self._jittered(call.failures)

@@ -90,11 +90,15 @@ class Scope:
 
     def describe(self) -> str:
         """Return the scope for log and error messages."""
-        repos = "all repositories" if self.repositories is None else self.repositories
-        perms = (
-            "all permissions" if self.permissions is None else dict(self.permissions)
-        )
-        return f"{repos}, {perms}"
+        if self.repositories is None:
+            repos = "all repositories"
+        else:
+            repos = "repositories " + ", ".join(self.repositories)
+        if self.permissions is None:
+            perms = "all permissions"
+        else:
+            perms = "permissions " + ", ".join(f"{k}={v}" for k, v in self.permissions)
+        return f"{repos}; {perms}"
 
 
 @dataclass(frozen=True, slots=True, repr=False)

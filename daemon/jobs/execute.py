@@ -344,8 +344,13 @@ class JobExecutor:
             f"`{command}` ran for {result.duration:.1f} s on `{job.sha}`"
             f" and ended: {title.lower()}."
         ]
+        if result.exit_code is None and result.signal is None:
+            # The runner's output names why the command could not start.
+            lines.append(result.output.strip())
         if parsed.annotations:
-            lines.append(f"It reported {len(parsed.annotations)} annotations.")
+            count = len(parsed.annotations)
+            noun = "annotation" if count == 1 else "annotations"
+            lines.append(f"It reported {count} {noun}.")
         for note in parsed.unlocated[:20]:
             lines.append(f"- {note['annotation_level']}: {note['message']}")
         if result.timed_out:

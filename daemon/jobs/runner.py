@@ -223,7 +223,7 @@ async def run_command(
     search_path = env.get("PATH", os.defpath)
     executable = _resolve_executable(argv[0], cwd=cwd, search_path=search_path)
     if executable is None:
-        log.info("command %r not found in PATH %r", argv[0], search_path)
+        log.warning("command %r not found in PATH %r", argv[0], search_path)
         return _start_failure(
             f"ghappd: command not found: {argv[0]!r} (looked in PATH={search_path!r})"
         )
@@ -231,7 +231,7 @@ async def run_command(
     if nice:
         nice_executable = shutil.which("nice", path=search_path)
         if nice_executable is None:
-            log.info("nice(1) not found in PATH %r", search_path)
+            log.warning("nice(1) not found in PATH %r", search_path)
             return _start_failure(
                 f"ghappd: nice(1) not found in PATH={search_path!r}; "
                 "install coreutils or set the job's nice value to 0"
@@ -250,7 +250,7 @@ async def run_command(
             start_new_session=True,
         )
     except OSError as exc:
-        log.info("command %r failed to start: %s", argv[0], exc)
+        log.warning("command %r failed to start: %s", argv[0], exc)
         return _start_failure(f"ghappd: failed to start {argv[0]!r}: {exc}")
     log.info("command %r started as process group %d", argv[0], process.pid)
 

@@ -102,8 +102,8 @@ class SqliteJournal(Journal):
         )
         self._writer.start()
         log.info(
-            "journal %s opened, %d deliveries queued again that were running "
-            "when it was last closed",
+            "journal %s opened; deliveries queued again that were running "
+            "when it was last closed: %d",
             self._name,
             requeued,
         )
