@@ -15,14 +15,14 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from daemon import __version__
-from daemon.config import Config, Secret, load_config, parse_duration
+from daemon.config import Config, load_config, parse_duration
 from daemon.errors import ConfigError, GhappdError
 
 __all__ = ["format_config", "main"]
@@ -33,33 +33,42 @@ DEFAULT_CONFIG = os.environ.get("GHAPPD_CONFIG", "/etc/ghappd/config.toml")
 
 
 def format_config(config: Config) -> str:
-    """Return the effective configuration as TOML-like text, secrets masked."""
-    lines: list[str] = [f"# effective configuration of {config.path}"]
+    """Return the effective configuration as a TOML file ghappd can load.
+
+    Every key is shown with its value after defaults and path resolution.
+    Secrets appear only as the files they come from, so the output is safe
+    to share and can be used as a configuration file itself.
+    """
+    app = config.app
+    lines: list[str] = [f"# effective configuration of {config.path}", "", "[app]"]
+    lines.append(f"id = {app.id}")
+    if app.client_id is not None:
+        lines.append(f"client_id = {_format_value(app.client_id)}")
+    lines.append(f"private_key_file = {_format_value(app.private_key.source)}")
+    sources = [secret.source for secret in app.webhook_secrets]
+    lines.append(f"webhook_secret_files = {_format_value(sources)}")
+    lines.append(f"api_url = {_format_value(app.api_url)}")
+    lines.append(f"git_url = {_format_value(app.git_url)}")
     for section in dataclasses.fields(config):
-        if section.name in ("path", "jobs"):
+        if section.name in ("path", "app", "jobs"):
             continue
-        lines.append(f"\n[{section.name}]")
-        lines += _format_fields(getattr(config, section.name))
+        lines += ["", f"[{section.name}]"]
+        table = getattr(config, section.name)
+        for field in dataclasses.fields(table):
+            lines.append(f"{field.name} = {_format_value(getattr(table, field.name))}")
     for rule in config.jobs:
-        lines.append("\n[[jobs]]")
-        lines += _format_fields(rule)
+        lines += ["", "[[jobs]]"]
+        for field in dataclasses.fields(rule):
+            value = getattr(rule, field.name)
+            if field.name == "permissions" and not rule.token:
+                continue
+            if field.name == "secret_env":
+                value = {name: secret.source for name, secret in value.items()}
+            lines.append(f"{field.name} = {_format_value(value)}")
     return "\n".join(lines) + "\n"
 
 
-def _format_fields(value: Any) -> list[str]:
-    lines = []
-    for field in dataclasses.fields(value):
-        item = getattr(value, field.name)
-        if item is None:
-            lines.append(f"# {field.name} is not set")
-        else:
-            lines.append(f"{field.name} = {_format_value(item)}")
-    return lines
-
-
 def _format_value(value: object) -> str:
-    if isinstance(value, Secret):
-        return f'"<secret from {value.source}>"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Path):
@@ -68,8 +77,10 @@ def _format_value(value: object) -> str:
         return json.dumps(value)
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_format_value(item) for item in value) + "]"
-    if isinstance(value, dict) or hasattr(value, "items"):
-        items = ", ".join(f"{k} = {_format_value(v)}" for k, v in value.items())
+    if isinstance(value, Mapping):
+        items = ", ".join(
+            f"{json.dumps(k)} = {_format_value(v)}" for k, v in value.items()
+        )
         return "{ " + items + " }" if items else "{}"
     return str(value)
 

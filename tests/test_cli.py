@@ -43,7 +43,7 @@ def test_check_config_prints_effective_config(config_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "[queue]\nmax_concurrent_jobs = 4" in result.stdout
     assert "do-not-print-me" not in result.stdout + result.stderr
-    assert "<secret from " in result.stdout
+    assert f'webhook_secret_files = ["{config_dir}/webhook-secret"]' in result.stdout
     assert "valid; job rules: 1" in result.stderr
 
 
@@ -158,3 +158,12 @@ async def test_receive_without_matching_rule(
 
     assert result.returncode == 1
     assert b"no rule runs for pull_request.opened" in result.stdout
+
+
+def test_check_config_output_loads_again(config_dir: Path) -> None:
+    first = ghappd("check-config", "--config", str(config_dir / "config.toml"))
+    effective = config_dir / "effective.toml"
+    effective.write_text(first.stdout)
+    second = ghappd("check-config", "--config", str(effective))
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines()[1:] == first.stdout.splitlines()[1:]
