@@ -9,7 +9,8 @@ says what is expected::
 Secrets are never in the TOML file: it names files, and relative names
 resolve against ``$CREDENTIALS_DIRECTORY`` when it is set (systemd's
 ``LoadCredential=``), else against the folder of the configuration file.
-This module imports nothing of the daemon but its error tree.
+This module imports nothing of the daemon but its error tree and the
+list of GitHub's event names.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from daemon.errors import ConfigError
+from daemon.events import KNOWN_EVENTS, PULL_REQUEST_ACTIONS
 
 __all__ = [
     "AppConfig",
@@ -673,6 +675,10 @@ class _Loader:
                     secret.reveal().strip(), source=secret.source
                 )
 
+        for entry in on or ():
+            typo = _event_typo(entry)
+            if typo is not None:
+                self.error(f"{where} on", typo)
         if token and timeout is not None and timeout + TOKEN_MARGIN > TOKEN_LIFETIME:
             limit = int((TOKEN_LIFETIME - TOKEN_MARGIN) // MINUTES)
             self.error(
@@ -952,3 +958,19 @@ _SECTIONS: dict[str, tuple[type, tuple[_Key, ...]]] = {
         ),
     ),
 }
+
+
+def _event_typo(entry: str) -> str | None:
+    """Return a message when ``entry`` looks like a misspelt event or action."""
+    event, _, action = entry.partition(".")
+    if event not in KNOWN_EVENTS:
+        close = difflib.get_close_matches(event, KNOWN_EVENTS, n=1, cutoff=0.8)
+        if close:
+            return (
+                f"names unknown event {event!r} in {entry!r}; did you mean {close[0]}?"
+            )
+    if event == "pull_request" and action and action not in PULL_REQUEST_ACTIONS:
+        close = difflib.get_close_matches(action, PULL_REQUEST_ACTIONS, n=1, cutoff=0.7)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"names unknown pull_request action {action!r} in {entry!r}{hint}"
+    return None

@@ -173,6 +173,16 @@ BAD_FILES = [
         ' "owner/name" globs like "octo-org/*", got [\'octo-org\']',
     ),
     (
+        APP + JOB.replace('["pull_request.opened"]', '["pull_requests"]'),
+        "config.toml: [[jobs]] #1 (lint) on names unknown event 'pull_requests' in"
+        " 'pull_requests'; did you mean pull_request?",
+    ),
+    (
+        APP + JOB.replace('["pull_request.opened"]', '["pull_request.opend"]'),
+        "config.toml: [[jobs]] #1 (lint) on names unknown pull_request action"
+        " 'opend' in 'pull_request.opend'; did you mean opened?",
+    ),
+    (
         APP + "[sever]\n",
         "config.toml: top level: sever: unknown key; did you mean server?",
     ),
@@ -257,3 +267,17 @@ def test_parse_duration_rejects(text: object) -> None:
 )
 def test_parse_size(text: object, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_fixture_events_are_known() -> None:
+    from daemon.events import KNOWN_EVENTS
+
+    fixtures = Path(__file__).parent / "fixtures" / "webhooks"
+    names = {path.stem for path in fixtures.glob("*.json")}
+    assert names <= KNOWN_EVENTS, names - KNOWN_EVENTS
+
+
+def test_unknown_distant_event_accepted(tmp_path: Path) -> None:
+    text = APP + JOB.replace('["pull_request.opened"]', '["brand_new_event"]')
+    config = load_config(write(tmp_path, text), environ={})
+    assert config.jobs[0].on == ("brand_new_event",)
