@@ -406,22 +406,39 @@ def write_profile_summary(profile: Path, summary: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--requests", type=int, default=5000, help="measured requests per round"
+        "--requests",
+        type=int,
+        default=5000,
+        help="measured requests per server per round (default %(default)s)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=500, help="unmeasured requests before them"
+        "--warmup",
+        type=int,
+        default=500,
+        help="unmeasured requests before them (default %(default)s)",
     )
     parser.add_argument(
-        "--connections", type=int, default=16, help="concurrent keep-alive connections"
+        "--connections",
+        type=int,
+        default=16,
+        help="concurrent keep-alive connections (default %(default)s)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds, each running every server once"
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds, each running every server once (default %(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds allowed per request"
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="time limit of one request, in seconds (default %(default)s)",
     )
     parser.add_argument(
-        "--profile", type=Path, help="directory for cProfile runs of bare and ghappd"
+        "--profile",
+        type=Path,
+        help="directory for cProfile runs of bare and ghappd (default: no profile)",
     )
     args = parser.parse_args()
 
@@ -474,9 +491,19 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "serve":
         serve_parser = argparse.ArgumentParser(prog="bench/intake.py serve")
-        serve_parser.add_argument("kind", choices=["bare", "ghappd"])
-        serve_parser.add_argument("--log-level", default="INFO")
-        serve_parser.add_argument("--profile", type=Path)
+        serve_parser.add_argument(
+            "kind", choices=["bare", "ghappd"], help="the server to run"
+        )
+        serve_parser.add_argument(
+            "--log-level",
+            default="INFO",
+            help="stdlib logging level name (default %(default)s)",
+        )
+        serve_parser.add_argument(
+            "--profile",
+            type=Path,
+            help="file for the server's cProfile statistics (default: no profile)",
+        )
         serve_args = serve_parser.parse_args(sys.argv[2:])
         serve_main(serve_args.kind, serve_args.log_level, serve_args.profile)
     else:

@@ -411,12 +411,35 @@ async def main(arguments: argparse.Namespace) -> None:
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds per request"
+        "--requests",
+        type=int,
+        default=3000,
+        help="measured requests per run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=300,
+        help="unmeasured requests before them (default %(default)s)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=8,
+        help="concurrent keep-alive connections (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds, each running both journals once (default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="time limit of one request, in seconds (default %(default)s)",
     )
     return parser.parse_args()
 

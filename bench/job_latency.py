@@ -306,14 +306,35 @@ def _write_profile(profiler: cProfile.Profile, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30, help="latency runs")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured runs first")
-    parser.add_argument("--batch", type=int, default=30, help="jobs in the CPU batch")
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds any one wait may take"
+        "--runs",
+        type=int,
+        default=30,
+        help="measured latency runs, one job each (default %(default)s)",
     )
     parser.add_argument(
-        "--profile", type=Path, help="write cProfile statistics of the batch here"
+        "--warmup",
+        type=int,
+        default=3,
+        help="unmeasured latency runs before them (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=30,
+        help="jobs in the CPU batch (default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="time limit of any one wait, in seconds, and of the batch this"
+        " times --batch (default %(default)s)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="file for cProfile statistics of the batch (default: no profile)",
     )
     parser.add_argument("--serve-emulator", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--commits", type=int, default=0, help=argparse.SUPPRESS)

@@ -126,16 +126,22 @@ async def main(arguments: argparse.Namespace, directory: Path) -> None:
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--count", type=int, default=5000, help="records per run (default 5000)"
+        "--count",
+        type=int,
+        default=5000,
+        help="records per journal and concurrency level (default %(default)s)",
     )
     parser.add_argument(
         "--writers",
         type=lambda text: [int(part) for part in text.split(",")],
         default=[1, 16, 64],
-        help="comma-separated concurrency levels (default 1,16,64)",
+        help="comma-separated numbers of concurrent writer tasks (default 1,16,64)",
     )
     parser.add_argument(
-        "--small", action="store_true", help="use a 200-byte body instead"
+        "--small",
+        action="store_true",
+        help="record a 200-byte body instead of the pull_request fixtures"
+        " (default: the fixtures, 25 kB on average)",
     )
     parser.add_argument(
         "--dir", type=Path, help="directory for the SQLite files (default: temporary)"

@@ -187,24 +187,51 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=1000, help="jobs to run")
     parser.add_argument(
-        "--installations", type=int, default=50, help="installations to spread over"
+        "--jobs", type=int, default=1000, help="jobs to run (default %(default)s)"
     )
     parser.add_argument(
-        "--hours", type=float, default=6.0, help="simulated hours of job arrivals"
+        "--installations",
+        type=int,
+        default=50,
+        help="installations to spread the jobs over (default %(default)s)",
     )
     parser.add_argument(
-        "--max-job", type=float, default=600.0, help="maximum job duration in seconds"
+        "--hours",
+        type=float,
+        default=6.0,
+        help="span of the job arrivals, in simulated hours (default %(default)s)",
     )
-    parser.add_argument("--calls", type=int, default=3, help="API calls per job")
     parser.add_argument(
-        "--token-ttl", type=float, default=3600.0, help="token lifetime in seconds"
+        "--max-job",
+        type=float,
+        default=600.0,
+        help="maximum job duration, in seconds, above the minimum of 30"
+        " (default %(default)s)",
     )
     parser.add_argument(
-        "--no-refresher", action="store_true", help="do not run the token refresher"
+        "--calls",
+        type=int,
+        default=3,
+        help="API calls per job, each one get() (default %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=1, help="random seed")
+    parser.add_argument(
+        "--token-ttl",
+        type=float,
+        default=3600.0,
+        help="lifetime of a minted token, in seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-refresher",
+        action="store_true",
+        help="do not run the token refresher (default: it runs)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="random seed of the job schedule (default %(default)s)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     trio.run(run, args, clock=trio.testing.MockClock(autojump_threshold=0))
