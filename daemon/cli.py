@@ -91,6 +91,11 @@ def _load(path: str) -> Config:
     except ConfigError as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
+        if not Path(path).exists():
+            print(
+                "give the configuration file with --config FILE, or set GHAPPD_CONFIG",
+                file=sys.stderr,
+            )
         raise SystemExit(2) from None
 
 
@@ -272,7 +277,10 @@ def _parser() -> argparse.ArgumentParser:
         " if it exists, else a built-in ruff job)",
     )
     sandbox.add_argument(
-        "--log-level", default="warning", help="daemon log level (default warning)"
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="the daemon's log level (default: %(default)s)",
     )
     sandbox.set_defaults(handler=_command_sandbox)
 

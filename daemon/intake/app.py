@@ -182,7 +182,11 @@ async def _read_body(settings: IntakeSettings) -> bytes:
     limit = settings.max_body_size
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise Rejection(413, f"body of {declared} bytes is over the {limit}-byte cap")
+        raise Rejection(
+            413,
+            f"body of {declared} bytes is over the {limit}-byte cap"
+            " ([server] max_body_size)",
+        )
 
     chunks: list[bytes] = []
     size = 0
@@ -197,7 +201,10 @@ async def _read_body(settings: IntakeSettings) -> bytes:
             async for chunk in request.body:
                 size += len(chunk)
                 if size > limit:
-                    raise Rejection(413, f"body is over the {limit}-byte cap")
+                    raise Rejection(
+                        413,
+                        f"body is over the {limit}-byte cap ([server] max_body_size)",
+                    )
                 chunks.append(chunk)
     if scope.cancelled_caught:
         raise Rejection(

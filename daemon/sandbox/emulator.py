@@ -205,6 +205,9 @@ class Emulator:
         config.include_server_header = False
         config.graceful_timeout = 0.0
         config.accesslog = None
+        # Through the stdlib logger, not hypercorn's own stderr handler, so
+        # the "Running on" line follows the process's logging setup.
+        config.errorlog = logging.getLogger("daemon.sandbox.hypercorn")
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(hypercorn_serve, self._app, config))

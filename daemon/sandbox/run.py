@@ -118,17 +118,26 @@ def _read_jobs(config_path: Path | None) -> list[Mapping[str, Any]]:
         return _BUILTIN_JOBS
     try:
         data = tomllib.loads(config_path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError([f"{config_path}: cannot read: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{config_path}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{config_path}: invalid TOML: {exc}"]) from None
     jobs = data.get("jobs")
     if not isinstance(jobs, list) or not jobs:
         raise ConfigError([f"{config_path}: has no [[jobs]] for the sandbox to run"])
+    if not any(isinstance(job, dict) and _matches_opened(job) for job in jobs):
+        raise ConfigError(
+            [
+                f"{config_path}: no [[jobs]] rule runs on pull_request.opened,"
+                " the event the sandbox sends; add one, or use another --config"
+            ]
+        )
     return jobs
 
 
 def _write_config(
     directory: Path,
-    emulator: Emulator,
+    urls: tuple[str, str],
     jobs: list[Mapping[str, Any]],
     *,
     key: bytes,
@@ -144,8 +153,8 @@ def _write_config(
                 f"id = {APP_ID}",
                 'private_key_file = "private-key.pem"',
                 'webhook_secret_files = ["webhook-secret"]',
-                f"api_url = {json.dumps(emulator.api_url)}",
-                f"git_url = {json.dumps(emulator.git_url)}",
+                f"api_url = {json.dumps(urls[0])}",
+                f"git_url = {json.dumps(urls[1])}",
                 "[server]",
                 'listen = ["127.0.0.1:0"]',
                 "[workspaces]",
@@ -161,6 +170,38 @@ def _write_config(
         )
     )
     return path
+
+
+def _check_jobs(
+    directory: Path,
+    jobs: list[Mapping[str, Any]],
+    config_path: Path | None,
+    *,
+    key: bytes,
+    webhook_secret: str,
+) -> None:
+    """Validate the rules before anything starts; errors name the user's file.
+
+    The rules are copied in order, so ``[[jobs]] #N`` in a message is the
+    N-th rule of ``config_path`` too.
+    """
+    placeholder = ("http://127.0.0.1:1", "http://127.0.0.1:1/git")
+    path = _write_config(
+        directory, placeholder, jobs, key=key, webhook_secret=webhook_secret
+    )
+    try:
+        load_config(path, environ={})
+    except ConfigError as exc:
+        label = config_path.name if config_path else "built-in rules"
+        prefix = f"{path.name}: "
+        raise ConfigError(
+            [
+                f"{label}: {error.removeprefix(prefix)}"
+                for error in exc.errors
+                if error.startswith(prefix + "[[jobs]]")
+            ]
+            or exc.errors
+        ) from None
 
 
 def _sign(secret: str, body: bytes) -> str:
@@ -179,11 +220,14 @@ def _print_check_run(run: Mapping[str, Any], out: TextIO) -> None:
     annotations = run.get("annotations") or []
     print(f"  annotations ({len(annotations)}):", file=out)
     for note in annotations:
+        first, *rest = str(note.get("message")).splitlines() or [""]
         print(
             f"    {note.get('path')}:{note.get('start_line')}:"
-            f" {note.get('annotation_level')}: {note.get('message')}",
+            f" {note.get('annotation_level')}: {first}",
             file=out,
         )
+        for line in rest:
+            print(f"      {line}", file=out)
 
 
 async def run_sandbox(*, config_path: Path | None, out: TextIO = sys.stdout) -> int:
@@ -201,6 +245,9 @@ async def run_sandbox(*, config_path: Path | None, out: TextIO = sys.stdout) -> 
         directory = Path(tmp)
         key = generate_app_key()
         webhook_secret = secrets.token_hex(20)
+        _check_jobs(
+            directory, jobs, config_path, key=key, webhook_secret=webhook_secret
+        )
         emulator = Emulator(
             app_id=APP_ID, public_key=key, repos_root=directory / "repos"
         )
@@ -220,7 +267,11 @@ async def run_sandbox(*, config_path: Path | None, out: TextIO = sys.stdout) -> 
             await nursery.start(emulator.serve)
             print(f"sandbox: GitHub emulator on {emulator.api_url}", file=out)
             config_file = _write_config(
-                directory, emulator, jobs, key=key, webhook_secret=webhook_secret
+                directory,
+                (emulator.api_url, emulator.git_url),
+                jobs,
+                key=key,
+                webhook_secret=webhook_secret,
             )
             config = load_config(config_file)
             daemon = Daemon(config, environ={})
