@@ -167,3 +167,22 @@ def test_check_config_output_loads_again(config_dir: Path) -> None:
     second = ghappd("check-config", "--config", str(effective))
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines()[1:] == first.stdout.splitlines()[1:]
+
+
+def test_sandbox_reports_bad_rules(tmp_path: Path) -> None:
+    config = tmp_path / "rules.toml"
+    config.write_text(
+        '[[jobs]]\nname = "x"\non = ["pull_request.opened"]\ncommand = "ruff"\n'
+    )
+    result = ghappd("sandbox", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("rules.toml: [[jobs]] #1 (x) command must be")
+    assert "Traceback" not in result.stderr
+
+
+def test_sandbox_needs_opened_rule(tmp_path: Path) -> None:
+    config = tmp_path / "rules.toml"
+    config.write_text('[[jobs]]\nname = "x"\non = ["push"]\ncommand = ["true"]\n')
+    result = ghappd("sandbox", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no [[jobs]] rule runs on pull_request.opened" in result.stderr
