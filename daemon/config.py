@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +81,7 @@ _DEFAULT_JOB_TIMEOUT = 10 * MINUTES
 # Webhook secrets shorter than this are rejected: they are easy to guess,
 # and the log redaction filter skips strings this short.
 _MIN_WEBHOOK_SECRET = 8
+_MAX_SECRET_FILE = 64 * 1024
 _NO_TEXT: tuple[str, ...] = ()
 _NO_ENV: dict[str, str] = {}
 
@@ -143,6 +146,7 @@ class ServerConfig:
     max_body_size: int = 25 * 1024 * 1024
     dedup_window: float = 1 * HOURS
     dedup_max_entries: int = 100_000
+    max_concurrent_deliveries: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +176,7 @@ class RunnerConfig:
     kill_grace: float = 10 * SECONDS
     output_limit: int = 1024 * 1024
     git_timeout: float = 5 * MINUTES
+    max_annotations: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +210,7 @@ class JobRule:
     token: bool = False
     permissions: Mapping[str, str] = field(default_factory=lambda: {"contents": "read"})
     report: Literal["auto", "check_run", "comment"] = "auto"
+    forks: Literal["restricted", "trusted", "skip"] = "restricted"
     env: Mapping[str, str] = field(default_factory=dict)
     secret_env: Mapping[str, Secret] = field(default_factory=dict, repr=False)
 
@@ -252,7 +258,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, int | float):
-        if value < 0:
+        if not math.isfinite(value) or value < 0:
             raise ValueError(value)
         return float(value)
     if not isinstance(value, str):
@@ -503,7 +509,10 @@ class _Loader:
 
     def read_secret(self, where: str, key: str, path: Path) -> Secret | None:
         try:
-            value = path.read_bytes()
+            value = _read_small_file(path)
+        except ValueError as exc:
+            self.error(f"{where} {key}", f"file {str(path)!r} {exc}")
+            return None
         except OSError as exc:
             hint = ""
             if isinstance(exc, FileNotFoundError):
@@ -590,6 +599,7 @@ class _Loader:
                 "token",
                 "permissions",
                 "report",
+                "forks",
                 "env",
                 "secret_env",
             },
@@ -649,6 +659,14 @@ class _Loader:
             'one of "auto", "check_run", "comment"',
             "auto",
         )
+        forks = self.get(
+            table,
+            where,
+            "forks",
+            _choice("restricted", "trusted", "skip"),
+            'one of "restricted", "trusted", "skip"',
+            "restricted",
+        )
         env = self.get(
             table,
             where,
@@ -705,12 +723,35 @@ class _Loader:
             token=bool(token),
             permissions=dict(permissions or {}),
             report=report or "auto",  # type: ignore[arg-type]
+            forks=forks or "restricted",  # type: ignore[arg-type]
             env=dict(env or {}),
             secret_env=secret_env,
         )
 
 
 # -- converters: each raises ValueError or TypeError for a bad value ---------
+
+
+def _read_small_file(path: Path) -> bytes:
+    """Read a credential file; raise ValueError for a special or huge file.
+
+    A FIFO would block and ``/dev/zero`` would never end, so only regular
+    files of at most :data:`_MAX_SECRET_FILE` bytes are read.
+    """
+    with open(path, "rb", opener=_open_nonblocking) as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError("is not a regular file")
+        if status.st_size > _MAX_SECRET_FILE:
+            raise ValueError(
+                f"is {status.st_size} bytes; a key or secret is at most"
+                f" {_MAX_SECRET_FILE} bytes"
+            )
+        return file.read(_MAX_SECRET_FILE + 1)
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _positive_int(value: object) -> int:
@@ -747,7 +788,7 @@ def _bool(value: object) -> bool:
 
 
 def _text(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
         raise ValueError(value)
     return value
 
@@ -884,6 +925,7 @@ _SECTIONS: dict[str, tuple[type, tuple[_Key, ...]]] = {
             _Key("max_body_size", _positive(parse_size), _size("25MiB")),
             _Key("dedup_window", _positive(parse_duration), _duration("1h")),
             _Key("dedup_max_entries", _positive_int, _COUNT),
+            _Key("max_concurrent_deliveries", _positive_int, _COUNT),
         ),
     ),
     "queue": (
@@ -928,6 +970,11 @@ _SECTIONS: dict[str, tuple[type, tuple[_Key, ...]]] = {
             _Key("kill_grace", parse_duration, _duration("10s", positive=False)),
             _Key("output_limit", _positive(parse_size), _size("1MiB")),
             _Key("git_timeout", _positive(parse_duration), _duration("5m")),
+            _Key(
+                "max_annotations",
+                _bounded_int(0, 100_000),
+                "an integer from 0 to 100000",
+            ),
         ),
     ),
     "journal": (

@@ -195,6 +195,19 @@ BAD_FILES = [
         "config.toml: [app] api_url must be an http(s) URL, got 'ftp://example'",
     ),
     (
+        APP + "[github]\nmax_rate_limit_wait = nan\n",
+        'config.toml: [github] max_rate_limit_wait must be a duration in seconds'
+        " or a string like \"15m\", got nan",
+    ),
+    (
+        APP + '[workspaces]\nroot = "a\\u0000b"\n',
+        "config.toml: [workspaces] root must be a directory path, got 'a\\x00b'",
+    ),
+    (
+        APP.replace('"key.pem"', '"/dev/zero"'),
+        "config.toml: [app] private_key_file file '/dev/zero' is not a regular file",
+    ),
+    (
         "[app\n",
         "config.toml: invalid TOML:",
     ),
