@@ -19,7 +19,6 @@ overflow from the journal, in sequence order, before it closes.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,9 +36,6 @@ log = logging.getLogger(__name__)
 
 # Deliveries read from the journal per query when a lane has overflowed.
 _OVERFLOW_PAGE = 100
-# Jobs remembered per lane as already run for a head commit, so another
-# delivery for the same commit does not run the job twice.
-_DONE_MEMORY = 1000
 
 
 class Executor(Protocol):
@@ -279,11 +275,9 @@ class Lane:
                 self.running = job
                 self._running_seq = seq
                 self._job_scope = trio.CancelScope()
-                ran = False
                 with self._job_scope:
                     try:
                         await executor.run(job)
-                        ran = True
                     except Exception as exc:
                         log.exception("job %s raised", job.external_id)
                         with trio.CancelScope(shield=True):
@@ -299,9 +293,7 @@ class Lane:
                     await executor.interrupted(job)
                 self._stopping = True
                 return False
-            # A job that raised inside ghappd does not count as run, so
-            # another delivery for its commit runs it again.
-            self._dispatcher._job_done(job, seq, ran=ran)
+            self._dispatcher._job_done(job, seq)
             return True
 
     async def _report_cancelled(self, job: JobSpec) -> None:
@@ -345,7 +337,6 @@ class Dispatcher:
         self._nursery: trio.Nursery | None = None
         self._reports: trio.Nursery | None = None
         self._latest: dict[tuple[str, int, str], _Latest] = {}
-        self._done: OrderedDict[tuple[str, int, str, str], str] = OrderedDict()
         # One event per job whose queued report is under way, by external id.
         self._queued_reports: dict[str, trio.Event] = {}
         self._stopping = False
@@ -476,22 +467,15 @@ class Dispatcher:
                     f" {job.sha} again; it runs there"
                 )
             return f"superseded by newer head commit {latest.sha}"
-        if job.sha is not None:
-            done = self._done.get((*key, job.sha))
-            if done is not None and done != job.delivery.id:
-                return f"already ran for commit {job.sha} (delivery {done})"
+        # A job that already finished for this commit runs again: skipping
+        # it would post a "skipped" check run over the finished one, and
+        # GitHub counts skipped as passing, even for a required check.
         return None
 
-    def _job_done(self, job: JobSpec, seq: int, *, ran: bool) -> None:
+    def _job_done(self, job: JobSpec, seq: int) -> None:
         key = job.supersede_key
         if key is None or job.sha is None:
             return
         latest = self._latest.get(key)
         if latest is not None and latest.seq <= seq:
             del self._latest[key]
-        if not ran:
-            return
-        self._done[(*key, job.sha)] = job.delivery.id
-        self._done.move_to_end((*key, job.sha))
-        while len(self._done) > _DONE_MEMORY:
-            self._done.popitem(last=False)
