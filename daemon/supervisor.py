@@ -219,6 +219,7 @@ class Daemon:
         return IntakeSettings(
             webhook_path=self.config.server.webhook_path,
             max_body_size=self.config.server.max_body_size,
+            max_concurrent_deliveries=self.config.server.max_concurrent_deliveries,
             secrets=tuple(s.reveal() for s in self.config.app.webhook_secrets),
         )
 

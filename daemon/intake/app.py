@@ -1,7 +1,9 @@
 """The quart-trio app: the webhook route and the health checks.
 
-``POST {webhook_path}`` checks a request in this order, and the first
-failed check sets the response status:
+While ``max_concurrent_deliveries`` webhook POSTs are in progress, another
+one gets 503 with ``Retry-After`` and ``Connection: close`` before its body
+is read. Otherwise ``POST {webhook_path}`` checks a request in this order,
+and the first failed check sets the response status:
 
 1. a ``Content-Length`` over ``max_body_size``: 413, before the body is read
 2. the body, read in chunks: 413 as soon as it passes ``max_body_size``,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -62,6 +65,9 @@ _SIGNATURE_ERRORS = {
     ),
     SignatureStatus.MISMATCH: f"{SIGNATURE_HEADER} does not match the body",
 }
+# Seconds between two log lines about webhook POSTs rejected at the limit,
+# so a flood of rejections writes one line a second.
+_REJECTION_LOG_INTERVAL = 1.0
 
 
 def create_app(
@@ -85,6 +91,7 @@ def create_app(
     # every route and cannot follow a reload.
     app.config["MAX_CONTENT_LENGTH"] = None
     app.config["BODY_TIMEOUT"] = None
+    gate = _DeliveryGate()
 
     async def healthz() -> Response:
         return _json(200, {"status": "ok"})
@@ -103,7 +110,7 @@ def create_app(
             return _error(404, "not found")
         if request.method != "POST":
             return _error(405, "method not allowed", {"Allow": "POST"})
-        return await _receive(current, sink)
+        return await _receive_within_limit(current, sink, gate)
 
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
     app.add_url_rule("/readyz", "readyz", readyz, methods=["GET"])
@@ -119,6 +126,82 @@ def create_app(
         )
     app.register_error_handler(HTTPException, _http_error)
     return app
+
+
+class _DeliveryGate:
+    """The count of webhook POSTs in progress, and the log of those rejected.
+
+    The count is compared with the limit of each request's settings, so a
+    reload takes effect for the next POST. Trio runs every request in one
+    thread, and nothing awaits between the comparison and the increment, so
+    a plain integer is safe.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.in_progress = 0
+        self._clock = clock
+        self._unlogged = 0
+        self._last_remote = "-"
+        self._logged_at = -math.inf
+
+    def reject(self, *, limit: int, remote: str) -> None:
+        """Count a rejected POST and log the count at most once a second."""
+        self._unlogged += 1
+        self._last_remote = remote
+        self.log_due(limit=limit)
+
+    def log_due(self, *, limit: int) -> None:
+        """Log the rejections not yet logged, unless a line went out within 1 s.
+
+        NOTE: rejections counted after the last line are logged only with the
+        next rejection or the next finished POST a second or more later.
+        """
+        now = self._clock()
+        if not self._unlogged or now - self._logged_at < _REJECTION_LOG_INTERVAL:
+            return
+        log.warning(
+            "%d webhook POSTs rejected with 503 since the previous such line,"
+            " the last from %s: %d in progress, limit %d"
+            " ([server] max_concurrent_deliveries)",
+            self._unlogged,
+            self._last_remote,
+            self.in_progress,
+            limit,
+        )
+        self._unlogged = 0
+        self._logged_at = now
+
+
+async def _receive_within_limit(
+    settings: IntakeSettings, sink: DeliverySink, gate: _DeliveryGate
+) -> Response:
+    # Quart 0.22 (quart/asgi.py, handle_messages) appends every body chunk
+    # that hypercorn passes on to request.body, whether the handler reads
+    # it or not, until the response ends the request. So the intake's
+    # memory for bodies is bounded by this limit: at most
+    # max_concurrent_deliveries requests, each buffering at most
+    # max_body_size bytes (twice that while `await request.body` copies a
+    # complete body out). A rejected POST returns before awaiting anything,
+    # so Quart has buffered only what arrived with the head. The response
+    # ends the request, which frees that buffer, and hypercorn 0.18 closes a
+    # connection whose request body is unfinished once the response is sent
+    # (protocol/h11.py, _maybe_recycle). `Connection: close` also closes one
+    # whose body had arrived whole, so no rejected client keeps a connection.
+    limit = settings.max_concurrent_deliveries
+    if gate.in_progress >= limit:
+        gate.reject(limit=limit, remote=request.remote_addr or "-")
+        return _error(
+            503,
+            f"{limit} deliveries already in progress; retry later",
+            {"Retry-After": str(settings.retry_after), "Connection": "close"},
+        )
+
+    gate.in_progress += 1
+    try:
+        return await _receive(settings, sink)
+    finally:
+        gate.in_progress -= 1
+        gate.log_due(limit=limit)
 
 
 async def _receive(settings: IntakeSettings, sink: DeliverySink) -> Response:

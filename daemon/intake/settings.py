@@ -20,8 +20,11 @@ class IntakeSettings:
     sent with a 503. ``body_timeout`` is the time in seconds a client gets
     to send the whole body. GitHub records a delivery as failed when the
     response takes longer than 10 seconds (docs.github.com, "Handling
-    failed webhook deliveries"). The ``repr`` shows how many secrets there
-    are, never their value. Raise ValueError for a value that cannot work.
+    failed webhook deliveries"). ``max_concurrent_deliveries`` is the
+    number of webhook POSTs handled at once, body reading included. The app
+    answers a POST beyond it 503 before reading its body. The ``repr`` shows
+    how many secrets there are, never their value. Raise ValueError for a
+    value that cannot work.
     """
 
     webhook_path: str = "/webhooks/github"
@@ -29,6 +32,7 @@ class IntakeSettings:
     secrets: tuple[bytes, ...] = field(repr=False)
     retry_after: int = 5
     body_timeout: float = 10.0
+    max_concurrent_deliveries: int = 16
 
     def __post_init__(self) -> None:
         if not self.webhook_path.startswith("/"):
@@ -55,6 +59,15 @@ class IntakeSettings:
                 f"body_timeout {self.body_timeout!r} must be a positive number"
                 " of seconds"
             )
+        if (
+            not isinstance(self.max_concurrent_deliveries, int)
+            or isinstance(self.max_concurrent_deliveries, bool)
+            or self.max_concurrent_deliveries <= 0
+        ):
+            raise ValueError(
+                f"max_concurrent_deliveries {self.max_concurrent_deliveries!r}"
+                " must be a positive integer"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -62,5 +75,6 @@ class IntakeSettings:
             f" max_body_size={self.max_body_size!r},"
             f" secrets=<{len(self.secrets)} hidden>,"
             f" retry_after={self.retry_after!r},"
-            f" body_timeout={self.body_timeout!r})"
+            f" body_timeout={self.body_timeout!r},"
+            f" max_concurrent_deliveries={self.max_concurrent_deliveries!r})"
         )
