@@ -223,17 +223,22 @@ class JobRule:
     def matches_repository(self, full_name: str | None) -> bool:
         """Return whether the repository matches ``repositories`` (empty: all).
 
-        Globs use :func:`fnmatch.fnmatchcase` on ``owner/name``; GitHub
-        names are case-insensitive, so both sides are lower-cased.
+        Globs use :func:`fnmatch.fnmatchcase` on the owner and the name
+        separately, so ``*`` never crosses the ``/``. GitHub names are
+        case-insensitive, so both sides are lower-cased.
         """
         if not self.repositories:
             return True
         if full_name is None:
             return False
-        name = full_name.lower()
-        return any(
-            fnmatch.fnmatchcase(name, glob.lower()) for glob in self.repositories
-        )
+        parts = full_name.lower().split("/")
+        if len(parts) != 2:
+            return False
+        for glob in self.repositories:
+            patterns = glob.lower().split("/")
+            if all(map(fnmatch.fnmatchcase, parts, patterns)):
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)

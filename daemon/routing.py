@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from daemon.config import JobRule
 from daemon.delivery import Delivery
+from daemon.errors import WorkspaceError
+from daemon.jobs.workspace import validate_repository
 
 __all__ = ["JobSpec", "Route", "route"]
 
@@ -46,6 +48,7 @@ class JobSpec:
     pull_number: int | None
     issue_number: int | None
     report: Literal["check_run", "comment"]
+    from_fork: bool = False
 
     @property
     def external_id(self) -> str:
@@ -137,6 +140,7 @@ def route(
                 pull_number=target.pull_number,
                 issue_number=target.issue_number,
                 report=report,
+                from_fork=target.from_fork,
             )
         )
     return Route(
@@ -154,6 +158,7 @@ class _Target:
     issue_number: int | None
     draft: bool
     deleted: bool
+    from_fork: bool
 
 
 def _rejection(
@@ -161,6 +166,10 @@ def _rejection(
 ) -> str | None:
     if target is None:
         return "the delivery names no repository"
+    try:
+        validate_repository(target.repository)
+    except WorkspaceError as exc:
+        return str(exc)
     if not rule.matches_repository(target.repository):
         globs = list(rule.repositories)
         return f"repository {target.repository} matches none of {globs}"
@@ -174,6 +183,8 @@ def _rejection(
         return f"the delivery's commit {target.sha!r} is not a commit id"
     if target.sha is None and target.fetch_ref is None:
         return "the delivery names no commit or ref to check out"
+    if target.from_fork and rule.forks == "skip":
+        return "pull request from a fork and forks = skip"
     if rule.report == "comment" and target.issue_number is None:
         return "report = comment but the delivery names no issue or pull request"
     return None
@@ -196,6 +207,7 @@ def _target(delivery: Delivery) -> _Target | None:
     issue_number: int | None = None
     draft = False
     deleted = False
+    from_fork = False
 
     pull = _dict(payload.get("pull_request"))
     issue = _dict(payload.get("issue"))
@@ -204,6 +216,12 @@ def _target(delivery: Delivery) -> _Target | None:
         issue_number = pull_number
         sha = _str(_dict(pull.get("head")).get("sha"))
         draft = pull.get("draft") is True
+        # A fork's head repository differs from the base; GitHub sends
+        # head.repo as null when the fork was deleted.
+        # NOTE: only pull_request payloads say where the head comes from;
+        # an issue_comment on a fork's pull request counts as not a fork.
+        head_repo = _str(_dict(_dict(pull.get("head")).get("repo")).get("full_name"))
+        from_fork = head_repo is None or head_repo.lower() != full_name.lower()
         if pull_number is not None:
             # GitHub keeps every pull request's head, forks included, at
             # refs/pull/N/head in the base repository.
@@ -244,6 +262,7 @@ def _target(delivery: Delivery) -> _Target | None:
         issue_number=issue_number,
         draft=draft,
         deleted=deleted,
+        from_fork=from_fork,
     )
 
 

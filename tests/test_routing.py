@@ -179,3 +179,56 @@ def test_issue_comment_reports_as_comment() -> None:
 )
 def test_odd_payloads_never_raise(payload: dict[str, Any]) -> None:
     route(delivery("pull_request", payload), [rule()], app_slug="x")
+
+
+@pytest.mark.parametrize(
+    "full_name",
+    [
+        "octo-org/widgets/../../../app/hook/config",
+        "octo-org/widgets?per_page=1",
+        "octo-org/widgets\n",
+        "-octo/widgets",
+    ],
+)
+def test_invalid_repository_never_routed(full_name: str) -> None:
+    payload = pull_request_payload()
+    payload["repository"]["full_name"] = full_name
+    result = route(
+        delivery("pull_request", payload),
+        [rule(repositories=("octo-org/*",)), rule(name="all")],
+        app_slug=None,
+    )
+    assert result.jobs == ()
+    assert all("invalid repository name" in reason for reason in result.reasons)
+
+
+def test_glob_star_stays_in_one_segment() -> None:
+    globbed = rule(repositories=("octo-org/*",))
+    assert globbed.matches_repository("Octo-Org/Widgets")
+    assert not globbed.matches_repository("octo-org/widgets/extra")
+    assert not globbed.matches_repository("octo-org-evil/widgets")
+
+
+def test_fork_pull_request_marked() -> None:
+    payload = pull_request_payload()
+    payload["pull_request"]["head"]["repo"] = {"full_name": "evil-user/fork"}
+    [job] = route(delivery("pull_request", payload), [rule()], app_slug=None).jobs
+    assert job.from_fork
+
+
+def test_same_repository_head_not_fork() -> None:
+    payload = pull_request_payload()
+    name = payload["repository"]["full_name"]
+    payload["pull_request"]["head"]["repo"] = {"full_name": name.upper()}
+    [job] = route(delivery("pull_request", payload), [rule()], app_slug=None).jobs
+    assert not job.from_fork
+
+
+def test_forks_skip_drops_fork() -> None:
+    payload = pull_request_payload()
+    payload["pull_request"]["head"]["repo"] = None
+    result = route(
+        delivery("pull_request", payload), [rule(forks="skip")], app_slug=None
+    )
+    assert result.jobs == ()
+    assert result.reasons == ("lint: pull request from a fork and forks = skip",)
