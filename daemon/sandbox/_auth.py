@@ -225,6 +225,26 @@ class TokenAuthority:
             return None
         return token
 
+    def revoke(self, authorization: str) -> Token:
+        """Revoke the token an ``Authorization`` header carries; return it.
+
+        This is GitHub's "Revoke an installation access token"
+        (``DELETE /installation/token``), where the token authenticates its
+        own revocation. Accepts ``token X`` and ``Bearer X``. Raises the
+        APIError with GitHub's status: 401 ``Requires authentication``
+        without a credential, 401 ``Bad credentials`` for a token that is
+        unknown, expired or revoked already.
+        """
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() not in {"token", "bearer"} or not credential:
+            raise APIError(401, "Requires authentication")
+        token = self.valid_token(credential.strip())
+        if token is None:
+            raise APIError(401, BAD_CREDENTIALS)
+        token.revoked = True
+        log.info("token of installation %d revoked", token.installation_id)
+        return token
+
     def authorize(
         self,
         authorization: str,

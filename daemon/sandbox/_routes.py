@@ -279,6 +279,12 @@ def _add_app_routes(app: QuartTrio, emulator: Emulator) -> None:
         _authorize(emulator, owner, repo, "metadata", "read")
         return emulator.repositories[f"{owner}/{repo}"]
 
+    @app.delete("/installation/token")
+    async def revoke_installation_token() -> Response:
+        token = emulator.authority.revoke(request.headers.get("Authorization", ""))
+        g.installation_id = token.installation_id
+        return Response(b"", status=204)
+
     @app.get("/installation/repositories")
     async def list_installation_repositories() -> Any:
         authorization = request.headers.get("Authorization", "")
