@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 
@@ -60,6 +61,8 @@ MINUTES = 60 * SECONDS
 _PRUNE_INTERVAL = 60 * MINUTES
 _STATUS_INTERVAL = 10 * SECONDS
 _CREDENTIALS_RETRY_MAX = 5 * MINUTES
+# Seconds before the first journal failure that a redelivery scan covers.
+_REDELIVER_SLACK = 1 * MINUTES
 
 
 def open_journal(config: Config) -> Journal:
@@ -93,6 +96,8 @@ class _Sink:
         self._next_release = 0
         self._recorded: dict[int, tuple[int, Delivery] | None] = {}
         self._record_lock = trio.Lock()
+        # When recording first failed, while the journal keeps failing.
+        self.failed_since: float | None = None
 
     async def admit(self, delivery: Delivery) -> Admission:
         daemon = self._daemon
@@ -117,10 +122,19 @@ class _Sink:
                 if result.accepted:
                     accepted = (result.seq, delivery)
             except JournalError as exc:
+                # The intake answers 503 "delivery not recorded". GitHub does
+                # not send it again by itself, so once the journal works
+                # again the failed deliveries are asked for again.
                 log.error("delivery %s not recorded: %s", delivery.id, exc)
-                return Admission.FULL
+                if self.failed_since is None:
+                    self.failed_since = time.time()
+                raise
             finally:
                 self._release(ticket, accepted)
+        if self.failed_since is not None:
+            since, self.failed_since = self.failed_since, None
+            log.info("journal writable again; asking for deliveries it missed")
+            daemon.redeliver_later(since)
         if not result.accepted:
             return Admission.DUPLICATE
         if result.outcome is RecordOutcome.RERUN:
@@ -383,6 +397,23 @@ class Daemon:
                 )
             except GhappdError as exc:
                 log.warning("missed deliveries not checked: %s", exc)
+
+    def redeliver_later(self, since: float) -> None:
+        """Ask GitHub, in the background, for failed deliveries after ``since``."""
+        if self._root is None or not self.config.journal.redeliver_missed:
+            return
+        self._root.start_soon(self._redeliver, since)
+
+    async def _redeliver(self, since: float) -> None:
+        try:
+            await redeliver_missed(
+                client=self.client,
+                journal=self.journal,
+                window=self.config.journal.redeliver_window,
+                since=since - _REDELIVER_SLACK,
+            )
+        except GhappdError as exc:
+            log.warning("missed deliveries not checked: %s", exc)
 
     async def _verify_credentials(self) -> AppIdentity:
         delay = 1 * SECONDS
