@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from daemon.delivery import Delivery
 from daemon.errors import JournalError
@@ -779,3 +780,219 @@ async def test_hypercorn_logs_through_stdlib(
     server_records = [r for r in caplog.records if r.name == server_logger.name]
     assert any("Running on" in r.getMessage() for r in server_records)
     assert [r for r in caplog.records if r.name == "hypercorn.access"] == []
+
+
+# Concurrent deliveries
+
+
+LIMIT = 2
+
+
+async def hold_post(intake: Intake) -> trio.SocketStream:
+    """Send a POST with a wrong signature and all of its body but the last byte."""
+    body = push_body()
+    head = request_head(
+        intake,
+        {
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": f"held-{next(intake.counter)}",
+            "X-Hub-Signature-256": compute_signature(b"not the secret", body),
+        },
+    )
+    stream = await trio.open_tcp_stream(intake.host, intake.port)
+    await stream.send_all(head + body[:-1])
+    return stream
+
+
+async def read_head(stream: trio.SocketStream) -> bytes:
+    head = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            head += chunk
+    return head
+
+
+def status_of(head: bytes) -> int:
+    return int(head.split(b"\r\n", 1)[0].split()[1])
+
+
+async def finish_post(stream: trio.SocketStream) -> int:
+    """Send the byte ``hold_post`` held back and return the response status."""
+    async with stream:
+        await stream.send_all(push_body()[-1:])
+        return status_of(await read_head(stream))
+
+
+def response_pending(stream: trio.SocketStream) -> bool:
+    """Return whether no response byte has arrived on ``stream`` yet."""
+    peek = socket.fromfd(stream.socket.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    finally:
+        peek.close()
+    return False
+
+
+async def settle() -> None:
+    # Lets the server handle every byte already sent on loopback.
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+
+
+async def post_head_only(intake: Intake) -> tuple[int, bytes, bytes]:
+    """Send a POST head that announces a body and send no body byte.
+
+    Return the status, the response head and what follows until the server
+    closes the connection.
+    """
+    head = request_head(
+        intake,
+        {
+            "Content-Type": "application/json",
+            "Content-Length": "100",
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": f"over-{next(intake.counter)}",
+        },
+    )
+    stream = await trio.open_tcp_stream(intake.host, intake.port)
+    async with stream:
+        await stream.send_all(head)
+        response_head = await read_head(stream)
+        rest = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                rest += chunk
+    return status_of(response_head), response_head, rest
+
+
+async def assert_limit_free(intake: Intake) -> None:
+    """Assert that ``LIMIT`` POSTs fit in and one more is rejected."""
+    held = [await hold_post(intake) for _ in range(LIMIT)]
+    await settle()
+    for stream in held:
+        assert response_pending(stream)
+    status, _, _ = await post_head_only(intake)
+    assert status == 503
+    for stream in held:
+        assert await finish_post(stream) == 401
+
+
+@pytest.fixture
+async def limited(start_intake: StartIntake) -> Intake:
+    return await start_intake(
+        settings=IntakeSettings(secrets=(SECRET,), max_concurrent_deliveries=LIMIT)
+    )
+
+
+async def test_limit_rejects_before_body(
+    limited: Intake, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = [await hold_post(limited) for _ in range(LIMIT)]
+    await settle()
+    for stream in held:
+        assert response_pending(stream)
+
+    status, head, _ = await post_head_only(limited)
+    assert status == 503
+    assert b"retry-after: 5\r\n" in head.lower()
+    assert b"connection: close\r\n" in head.lower()
+
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "127.0.0.1" in warnings[0].getMessage()
+    assert "max_concurrent_deliveries" in warnings[0].getMessage()
+
+    health = await limited.client.get(limited.url + "/healthz")
+    assert health.status_code == 200
+
+    for stream in held:
+        assert await finish_post(stream) == 401
+    accepted = await limited.post(push_body())
+    assert accepted.status_code == 202
+
+
+async def test_limit_follows_settings_swap(limited: Intake) -> None:
+    held = [await hold_post(limited) for _ in range(LIMIT)]
+    await settle()
+    limited.settings[0] = replace(
+        limited.settings[0], max_concurrent_deliveries=LIMIT + 1
+    )
+    held.append(await hold_post(limited))
+    await settle()
+    assert response_pending(held[-1])
+
+    status, _, _ = await post_head_only(limited)
+    assert status == 503
+    for stream in held:
+        assert await finish_post(stream) == 401
+
+
+async def test_limit_free_after_failures(limited: Intake) -> None:
+    bad_signature = await limited.post(push_body(), secret=b"not the secret")
+    no_event = await limited.post(push_body(), event=None)
+    assert bad_signature.status_code == 401
+    assert no_event.status_code == 400
+    await assert_limit_free(limited)
+
+
+async def test_limit_free_after_rejections(limited: Intake) -> None:
+    held = [await hold_post(limited) for _ in range(LIMIT)]
+    await settle()
+    for _ in range(3):
+        status, _, _ = await post_head_only(limited)
+        assert status == 503
+    for stream in held:
+        assert await finish_post(stream) == 401
+    await assert_limit_free(limited)
+
+
+async def test_limit_free_after_timeout(limited: Intake) -> None:
+    limited.settings[0] = replace(limited.settings[0], body_timeout=0.2)
+    held = [await hold_post(limited) for _ in range(LIMIT)]
+    for stream in held:
+        async with stream:
+            assert status_of(await read_head(stream)) == 408
+    limited.settings[0] = replace(limited.settings[0], body_timeout=10.0)
+    await assert_limit_free(limited)
+
+
+async def test_limit_free_after_disconnect(limited: Intake) -> None:
+    held = [await hold_post(limited) for _ in range(LIMIT)]
+    await settle()
+    for stream in held:
+        await stream.aclose()
+    await settle()
+    await assert_limit_free(limited)
+
+
+def test_rejection_log_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    from daemon.intake.app import _DeliveryGate
+
+    now = [100.0]
+    gate = _DeliveryGate(clock=lambda: now[0])
+    for _ in range(3):
+        gate.reject(limit=LIMIT, remote="192.0.2.1")
+    now[0] = 100.5
+    gate.reject(limit=LIMIT, remote="192.0.2.2")
+    gate.log_due(limit=LIMIT)
+    now[0] = 101.0
+    gate.log_due(limit=LIMIT)
+    gate.log_due(limit=LIMIT)
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("1 webhook POSTs rejected")
+    assert "192.0.2.1" in lines[0]
+    assert lines[1].startswith("3 webhook POSTs rejected")
+    assert "192.0.2.2" in lines[1]
+
+
+def test_settings_reject_zero_deliveries() -> None:
+    with pytest.raises(ValueError, match=r"^max_concurrent_deliveries 0 must be"):
+        IntakeSettings(secrets=(SECRET,), max_concurrent_deliveries=0)

@@ -22,10 +22,16 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -125,7 +131,56 @@ def create_app(
             provide_automatic_options=False,
         )
     app.register_error_handler(HTTPException, _http_error)
+    app.asgi_app = _ShieldClosingSend(app.asgi_app)  # type: ignore[method-assign]
     return app
+
+
+_ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+
+
+class _ShieldClosingSend:
+    """ASGI middleware that lets hypercorn close a ``Connection: close`` response.
+
+    With hypercorn 0.18 and quart-trio 0.12, hypercorn closes the
+    connection inside the app's last ``send``, after it has passed
+    ``http.disconnect`` to the app. Quart's receiver then cancels the
+    request's nursery, and the cancellation reaches hypercorn's
+    ``send_eof`` before the socket is shut down. The connection then stays
+    open until the client closes it, and hypercorn keeps reading the rest
+    of the body, discarding it. Shielding that last ``send`` lets the close
+    finish. Only responses that set ``Connection: close`` get the shield.
+    The shielded ``send`` waits on the client socket only where hypercorn
+    already shields its own writes.
+    """
+
+    def __init__(self, app: _ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        closing = False
+
+        async def send_closing(message: ASGISendEvent) -> None:
+            nonlocal closing
+            if message["type"] == "http.response.start":
+                closing = (b"connection", b"close") in [
+                    (name.lower(), value.lower()) for name, value in message["headers"]
+                ]
+            last = message["type"] == "http.response.body" and not message.get(
+                "more_body", False
+            )
+            if closing and last:
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await self._app(scope, receive, send_closing)
 
 
 class _DeliveryGate:
@@ -177,16 +232,15 @@ async def _receive_within_limit(
 ) -> Response:
     # Quart 0.22 (quart/asgi.py, handle_messages) appends every body chunk
     # that hypercorn passes on to request.body, whether the handler reads
-    # it or not, until the response ends the request. So the intake's
-    # memory for bodies is bounded by this limit: at most
-    # max_concurrent_deliveries requests, each buffering at most
-    # max_body_size bytes (twice that while `await request.body` copies a
-    # complete body out). A rejected POST returns before awaiting anything,
-    # so Quart has buffered only what arrived with the head. The response
-    # ends the request, which frees that buffer, and hypercorn 0.18 closes a
-    # connection whose request body is unfinished once the response is sent
-    # (protocol/h11.py, _maybe_recycle). `Connection: close` also closes one
-    # whose body had arrived whole, so no rejected client keeps a connection.
+    # it or not, until the response ends the request. So this limit bounds
+    # the memory held for bodies: at most max_concurrent_deliveries
+    # requests, each buffering at most max_body_size bytes, and twice that
+    # while `await request.body` copies a complete body out. A rejected POST
+    # returns before awaiting anything, so Quart has buffered only what
+    # arrived with the head, and the response frees it. After that response
+    # hypercorn 0.18 passes no more of the body to the app. It closes the
+    # connection once the response is sent, which _ShieldClosingSend makes
+    # reliable for `Connection: close` responses.
     limit = settings.max_concurrent_deliveries
     if gate.in_progress >= limit:
         gate.reject(limit=limit, remote=request.remote_addr or "-")
