@@ -430,6 +430,50 @@ class GitHubClient:
             permissions=dict(permissions) if isinstance(permissions, dict) else {},
         )
 
+    async def revoke_token(self, token: Token) -> None:
+        """Revoke ``token`` on GitHub, after dropping it from :attr:`tokens`.
+
+        GitHub's "Revoke an installation access token" is
+        ``DELETE /installation/token``, authenticated with the token being
+        revoked, and returns 204. The token leaves the cache before the
+        request, so no caller gets it from there while it is revoked. A 401
+        or 404 means that the token already stops working (expired, revoked,
+        or its installation removed), and counts as done.
+
+        Nothing is raised for a failed revocation: every failure (another
+        error response, a rate limit, GitHub unreachable after the retries)
+        is logged with the installation id, and the token then stays valid
+        until its ``expires_at``. Cancellation propagates, so a caller that
+        revokes while being cancelled shields and bounds the call.
+        """
+        installation_id = token.installation_id
+        self.tokens.evict(token, reason="it is being revoked")
+        try:
+            await self._sender.send(
+                "DELETE",
+                "/installation/token",
+                authorization=_bearer(token.secret),
+                installation_id=installation_id,
+            )
+        except (GitHubError, GitHubUnavailable) as exc:
+            status = exc.status_code if isinstance(exc, GitHubError) else None
+            if status in (401, 404):
+                log.info(
+                    "token of installation %s was unusable already (%d)",
+                    installation_id,
+                    status,
+                )
+            else:
+                log.warning(
+                    "revoking a token of installation %s failed, it stays valid "
+                    "until %s: %s",
+                    installation_id,
+                    token.expires_at.isoformat(),
+                    exc,
+                )
+            return
+        log.info("revoked a token of installation %s", installation_id)
+
     # -- sending -------------------------------------------------------
 
     async def _send_as_app(

@@ -395,11 +395,12 @@ class TokenCache:
         )
         return token
 
-    def evict(self, token: Token) -> bool:
+    def evict(self, token: Token, *, reason: str = "GitHub rejected it") -> bool:
         """Drop ``token`` from the cache if it is still the cached one.
 
-        Call this when GitHub returns 401 for a token the cache trusts
-        (revoked). Return True if it was dropped.
+        Call this when GitHub returns 401 for a token the cache trusts, or
+        before the token is revoked. ``reason`` goes into the log record.
+        Return True if it was dropped.
         """
         key = (token.installation_id, token.scope)
         entry = self._entries.get(key)
@@ -408,9 +409,10 @@ class TokenCache:
         del self._entries[key]
         self._stats.evictions += 1
         log.info(
-            "dropped token for installation %s that GitHub rejected before %s",
+            "dropped token for installation %s, valid until %s, because %s",
             token.installation_id,
             token.expires_at.isoformat(),
+            reason,
         )
         return True
 

@@ -14,7 +14,7 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from daemon.config import TOKEN_MARGIN, JobRule, RunnerConfig
+from daemon.config import TOKEN_MARGIN, JobRule, RunnerConfig, Secret
 from daemon.errors import (
     CommitNotFound,
     GhappdError,
@@ -33,7 +33,8 @@ from daemon.errors import (
     WorkspaceError,
 )
 from daemon.github.client import GitHubClient
-from daemon.jobs.annotations import parse_annotations
+from daemon.github.tokens import Token
+from daemon.jobs.annotations import Annotation, ParsedAnnotations, parse_annotations
 from daemon.jobs.report import MAX_OUTPUT_CHARS, Reporter, fit
 from daemon.jobs.runner import CommandResult, build_environment, run_command
 from daemon.jobs.workspace import (
@@ -44,9 +45,10 @@ from daemon.jobs.workspace import (
     validate_sha,
 )
 from daemon.journal import Journal, State
+from daemon.logs import MIN_SECRET_LENGTH
 from daemon.routing import JobSpec
 
-__all__ = ["JobExecutor", "JobSettings"]
+__all__ = ["MASK", "JobExecutor", "JobSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,12 @@ CANCELLED = "cancelled"
 SKIPPED = "skipped"
 # Seconds a report made during cancellation or shutdown may take.
 _SHIELDED_REPORT_TIMEOUT = 10.0
+# Seconds the revocation of a command's token may take, also during
+# cancellation or shutdown.
+_REVOKE_TIMEOUT = 10.0
+# The text that replaces a secret in everything reported on GitHub, as
+# GitHub Actions masks secrets in its logs.
+MASK = "***"
 # Characters of output that fit in a check run's text with its code fence.
 _TEXT_ROOM = MAX_OUTPUT_CHARS - len("```\n\n```")
 
@@ -257,33 +265,44 @@ class JobExecutor:
             token=clone_token.secret,
             timeout=runner.git_timeout,
         ) as checkout:
-            command_token = None
-            if rule.token:
-                command_token = await self.client.tokens.get(
-                    job.installation_id,
-                    valid_for=rule.timeout + TOKEN_MARGIN,
-                    repositories=[job.repository],
-                    permissions=dict(rule.permissions),
-                )
-            event_path = job_event_path(checkout)
-            await trio.Path(event_path).write_bytes(
-                json.dumps(job.delivery.payload).encode()
+            await self._run_in(checkout, _with_sha(job, sha), settings)
+
+    async def _run_in(
+        self, checkout: Path, job: JobSpec, settings: JobSettings
+    ) -> None:
+        """Run the job's command in ``checkout``; revoke its token; report."""
+        rule = job.rule
+        runner = settings.runner
+        # A fork's pull request runs code its author wrote, so by default
+        # that code gets neither the token nor the secrets.
+        restricted = job.from_fork and rule.forks == "restricted"
+        if restricted:
+            log.info(
+                "job %s runs without GITHUB_TOKEN and secret_env: pull request"
+                " from a fork and forks = restricted",
+                job.external_id,
             )
-            env = build_environment(
-                event_name=job.delivery.event,
-                event_path=event_path,
-                repository=job.repository,
-                sha=sha,
-                ref=job.ref,
-                api_url=settings.api_url,
-                server_url=settings.git_url,
-                workspace=checkout,
-                home=job_home(checkout),
+        secrets = {} if restricted else _revealed(rule.secret_env)
+        command_token = None
+        if rule.token and not restricted:
+            # With the clone's scope (the default permissions), this is the
+            # clone token itself. It is revoked all the same, and the next
+            # job mints a new one.
+            command_token = await self.client.tokens.get(
+                job.installation_id,
+                valid_for=rule.timeout + TOKEN_MARGIN,
+                repositories=[job.repository],
+                permissions=dict(rule.permissions),
+            )
+
+        try:
+            env = await self._environment(
+                checkout,
+                job,
+                settings,
                 token=command_token.secret if command_token else None,
-                path=_command_path(),
             )
-            env.update(rule.env)
-            env.update({k: v.reveal().decode() for k, v in rule.secret_env.items()})
+            env.update(secrets)
             result = await run_command(
                 rule.command,
                 cwd=checkout,
@@ -293,8 +312,62 @@ class JobExecutor:
                 nice=runner.nice,
                 output_limit=runner.output_limit,
             )
-            self.command_seconds += result.duration
-            await self._report_result(_with_sha(job, sha), result, checkout)
+        finally:
+            if command_token is not None:
+                await self._revoke(job, command_token)
+        self.command_seconds += result.duration
+
+        exposed = list(secrets.values())
+        if command_token is not None:
+            exposed.append(command_token.secret)
+        await self._report_result(job, result, checkout, mask=_Mask.of(exposed))
+
+    async def _environment(
+        self, checkout: Path, job: JobSpec, settings: JobSettings, *, token: str | None
+    ) -> dict[str, str]:
+        """Write the event payload file; return the command's environment."""
+        assert job.sha is not None
+        event_path = job_event_path(checkout)
+        await trio.Path(event_path).write_bytes(
+            json.dumps(job.delivery.payload).encode()
+        )
+        env = build_environment(
+            event_name=job.delivery.event,
+            event_path=event_path,
+            repository=job.repository,
+            sha=job.sha,
+            ref=job.ref,
+            api_url=settings.api_url,
+            server_url=settings.git_url,
+            workspace=checkout,
+            home=job_home(checkout),
+            token=token,
+            path=_command_path(),
+        )
+        env.update(job.rule.env)
+        return env
+
+    async def _revoke(self, job: JobSpec, token: Token) -> None:
+        """Revoke the command's token, even while the job is being cancelled.
+
+        The command may have handed the token to processes that outlive it,
+        so the token is revoked as soon as the command ends. The revocation
+        is shielded from cancellation and bounded by
+        :data:`_REVOKE_TIMEOUT`; a failure is logged, not raised.
+        """
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(_REVOKE_TIMEOUT) as bounded,
+        ):
+            await self.client.revoke_token(token)
+        if bounded.cancelled_caught:
+            log.warning(
+                "revoking the token of job %s timed out after %.0f s, so it"
+                " stays valid until %s",
+                job.external_id,
+                _REVOKE_TIMEOUT,
+                token.expires_at.isoformat(),
+            )
 
     async def _resolve_sha(self, job: JobSpec) -> str:
         """Find the commit to check out for an event that names none."""
@@ -322,8 +395,11 @@ class JobExecutor:
         return validate_sha(sha)
 
     async def _report_result(
-        self, job: JobSpec, result: CommandResult, checkout: Path
+        self, job: JobSpec, result: CommandResult, checkout: Path, *, mask: _Mask
     ) -> None:
+        # Everything below derives from the masked output, so no cut for
+        # GitHub's limits can leave part of a secret behind.
+        result = dataclasses.replace(result, output=mask.text(result.output))
         command = shlex.join(job.rule.command)
         if result.timed_out:
             conclusion = TIMED_OUT
@@ -339,7 +415,9 @@ class JobExecutor:
                 title = f"Killed by signal {result.signal}"
             else:
                 title = f"Failed with exit code {result.exit_code}"
-        parsed = parse_annotations(result.output, workspace=str(checkout))
+        parsed = mask.annotations(
+            parse_annotations(result.output, workspace=str(checkout))
+        )
         lines = [
             f"`{command}` ran for {result.duration:.1f} s on `{job.sha}`"
             f" and ended: {title.lower()}."
@@ -372,9 +450,9 @@ class JobExecutor:
         await self.reporter.complete(
             job,
             conclusion=conclusion,
-            title=title,
-            summary="\n".join(lines),
-            text=text if result.output else None,
+            title=mask.text(title),
+            summary=mask.text("\n".join(lines)),
+            text=mask.text(text) if result.output else None,
             annotations=parsed.annotations,
         )
 
@@ -406,6 +484,59 @@ class JobExecutor:
                     conclusion,
                     exc,
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Mask:
+    """The secret values a job's command got, to replace with :data:`MASK`.
+
+    ``secrets`` are sorted longest first, so a secret that contains another
+    is replaced whole.
+    """
+
+    secrets: tuple[str, ...]
+
+    @classmethod
+    def of(cls, values: Iterable[str]) -> _Mask:
+        """Collect ``values`` and each line of the multi-line ones.
+
+        Values shorter than :data:`daemon.logs.MIN_SECRET_LENGTH` are left
+        out, because they would match ordinary words of the output.
+        """
+        found: set[str] = set()
+        for value in values:
+            found.add(value)
+            found.update(line.strip() for line in value.splitlines())
+        kept = (secret for secret in found if len(secret) >= MIN_SECRET_LENGTH)
+        return cls(secrets=tuple(sorted(kept, key=len, reverse=True)))
+
+    def text(self, text: str) -> str:
+        """Return ``text`` with every secret replaced by :data:`MASK`."""
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def annotations(self, parsed: ParsedAnnotations) -> ParsedAnnotations:
+        """Return ``parsed`` with every secret masked in its text fields.
+
+        Unescaping a workflow command's ``%3A`` or ``%0A`` can rebuild a
+        secret that the output only contained encoded, so the fields are
+        masked after parsing as well.
+        """
+        return ParsedAnnotations(
+            annotations=[self._annotation(a) for a in parsed.annotations],
+            unlocated=[self._annotation(a) for a in parsed.unlocated],
+        )
+
+    def _annotation(self, annotation: Annotation) -> Annotation:
+        return {
+            key: self.text(value) if isinstance(value, str) else value
+            for key, value in annotation.items()
+        }
+
+
+def _revealed(secret_env: Mapping[str, Secret]) -> dict[str, str]:
+    return {name: secret.reveal().decode() for name, secret in secret_env.items()}
 
 
 def _command_path() -> str:
