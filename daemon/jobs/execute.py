@@ -270,7 +270,7 @@ class JobExecutor:
     async def _run_in(
         self, checkout: Path, job: JobSpec, settings: JobSettings
     ) -> None:
-        """Run the job's command in ``checkout``; revoke its token; report."""
+        """Run the command in ``checkout``, revoke its token, report the result."""
         rule = job.rule
         runner = settings.runner
         # A fork's pull request runs code its author wrote, so by default
