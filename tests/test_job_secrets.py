@@ -140,8 +140,8 @@ async def test_report_masks_token_and_secret(
         assert API_KEY not in output[field]
     assert f"token: {MASK}" in output["text"]
     assert f"key: {MASK}" in output["text"]
-    assert f"- failure: {MASK}" in output["summary"]
-    assert f"- warning: unlocated {MASK}" in output["summary"]
+    assert f"- failure: ` {MASK} `" in output["summary"]
+    assert f"- warning: ` unlocated {MASK} `" in output["summary"]
     [annotation] = run["annotations"]
     assert annotation["message"] == f"located {MASK}"
     assert annotation["title"] == f"title {MASK}"
@@ -325,6 +325,6 @@ async def test_mask_lines_escapes_not_short(
     assert "second-line-secret" not in output["text"]
     assert f"\n{MASK}\n" in output["text"]
     assert "50%-off-secret" not in output["summary"]
-    assert f"- notice: escaped {MASK}" in output["summary"]
+    assert f"- notice: ` escaped {MASK} `" in output["summary"]
     [annotation] = run["annotations"]
     assert annotation["message"] == f"located {MASK}"

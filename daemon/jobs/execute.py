@@ -9,6 +9,7 @@ run or comment that says so; only cancellation propagates.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -425,12 +426,23 @@ class JobExecutor:
         if result.exit_code is None and result.signal is None:
             # The runner's output names why the command could not start.
             lines.append(result.output.strip())
-        if parsed.annotations:
-            count = len(parsed.annotations)
+        annotations = parsed.annotations
+        if annotations:
+            count = len(annotations)
             noun = "annotation" if count == 1 else "annotations"
             lines.append(f"It reported {count} {noun}.")
+        limit = self.settings().runner.max_annotations
+        if len(annotations) > limit:
+            lines.append(
+                f"Only the first {limit} are shown ([runner] max_annotations)."
+            )
+            annotations = annotations[:limit]
+        # Messages come from the command, which may run pull request code:
+        # as inline code they cannot mention people or load images.
         for note in parsed.unlocated[:20]:
-            lines.append(f"- {note['annotation_level']}: {note['message']}")
+            lines.append(
+                f"- {note['annotation_level']}: {_inline_code(str(note['message']))}"
+            )
         if result.timed_out:
             lines.append(
                 "Its process group was stopped. If the command needs longer,"
@@ -453,7 +465,7 @@ class JobExecutor:
             title=mask.text(title),
             summary=mask.text("\n".join(lines)),
             text=mask.text(text) if result.output else None,
-            annotations=parsed.annotations,
+            annotations=annotations,
         )
 
     async def _complete_quietly(
@@ -554,10 +566,23 @@ def _command_path() -> str:
 
 
 def _job_id(job: JobSpec) -> str:
-    # Workspace directory names: the delivery id and job name, with only
-    # characters that are safe in a path.
+    """Return the job's workspace name: readable, short and always valid.
+
+    The delivery id and job name, reduced to safe characters and cut, with
+    a digest of both appended, so any id the intake accepts and any rule
+    name gives a distinct directory name.
+    """
     raw = f"{job.delivery.id}-{job.rule.name}"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw).lstrip(".")
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+    return f"job-{readable.strip('.-')[:60]}-{digest}"
+
+
+def _inline_code(text: str) -> str:
+    """Return ``text`` on one line as Markdown inline code."""
+    flat = " ".join(text.split())
+    fence = "``" if "`" in flat else "`"
+    return f"{fence} {flat} {fence}"
 
 
 def _with_sha(job: JobSpec, sha: str) -> JobSpec:
