@@ -93,6 +93,8 @@ async def finished_run(harness: Harness, delivery_id: str) -> dict[str, Any]:
     await harness.wait_until(
         lambda: completed_run(harness, delivery_id) is not None, what=delivery_id
     )
+    # Annotations follow the completion; the lane closes after them.
+    await harness.wait_until(lambda: not harness.daemon.dispatcher.lanes, what="lane")
     run = completed_run(harness, delivery_id)
     assert run is not None
     return run
