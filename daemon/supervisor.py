@@ -165,9 +165,10 @@ class _Sink:
 class Daemon:
     """One running ghappd: configuration, journal, GitHub client and tasks.
 
-    ``config_path`` is read again on :meth:`reload`. ``environ`` supplies
-    the systemd variables (``LISTEN_FDS``, ``NOTIFY_SOCKET``, ...) and
-    defaults to :data:`os.environ`.
+    :meth:`reload` reads ``config.path`` again. ``environ`` supplies the
+    systemd variables (``LISTEN_FDS``, ``NOTIFY_SOCKET``, ...) and defaults
+    to :data:`os.environ`. Raises :class:`~daemon.errors.KeyFormatError`
+    when the App's private key cannot be used.
     """
 
     def __init__(
