@@ -40,11 +40,11 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import loadgen
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +58,6 @@ from daemon.intake import (  # noqa: E402
     create_app,
     serve_intake,
 )
-from daemon.intake.signature import compute_signature  # noqa: E402
 
 SECRET = b"bench secret"
 PATH = "/webhooks/github"
@@ -161,106 +160,13 @@ def serve_main(kind: str, log_level: str, profile: Path | None) -> None:
 # The load generator
 
 
-@dataclass
-class Round:
-    kind: str
-    requests: int
-    seconds: float
-    latencies: list[float]
-    statuses: dict[int, int]
-    server_cpu: float
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    @property
-    def cpu_per_request(self) -> float:
-        """Server CPU seconds (user and system) per measured request."""
-        return self.server_cpu / self.requests
-
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies)
-        index = min(len(ordered) - 1, int(fraction * len(ordered)))
-        return ordered[index]
-
-
 def build_requests(host: str, port: int, count: int, prefix: str) -> list[bytes]:
     """Return ``count`` raw HTTP/1.1 requests, one delivery id each."""
     payload = json.loads(FIXTURE.read_text())[0]
     body = json.dumps(payload).encode()
-    signature = compute_signature(SECRET, body)
-    requests = []
-    for index in range(count):
-        head = (
-            f"POST {PATH} HTTP/1.1\r\n"
-            f"Host: {host}:{port}\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "X-GitHub-Event: pull_request\r\n"
-            f"X-GitHub-Delivery: {prefix}-{index}\r\n"
-            f"X-Hub-Signature-256: {signature}\r\n"
-            "User-Agent: GitHub-Hookshot/bench\r\n"
-            "\r\n"
-        )
-        requests.append(head.encode() + body)
-    return requests
-
-
-class _Connection:
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self.stream: trio.SocketStream | None = None
-        self.buffer = b""
-
-    async def exchange(self, request: bytes, timeout: float) -> int:
-        """Send ``request`` and return the status; reconnect once if closed."""
-        for attempt in range(2):
-            if self.stream is None:
-                self.stream = await trio.open_tcp_stream(self.host, self.port)
-                self.buffer = b""
-            with trio.fail_after(timeout):
-                await self.stream.send_all(request)
-                status = await self._read_response()
-            if status is not None:
-                return status
-            # The server closed an idle keep-alive connection before reading.
-            await self.stream.aclose()
-            self.stream = None
-            if attempt == 1:
-                raise ConnectionError("server closed the connection twice")
-        raise AssertionError("unreachable")
-
-    async def _read_response(self) -> int | None:
-        assert self.stream is not None
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                return None
-            self.buffer += chunk
-        head, _, rest = self.buffer.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split()[1])
-        length = 0
-        close = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"connection" and value.strip().lower() == b"close":
-                close = True
-        while len(rest) < length:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise ConnectionError("server closed the connection mid-response")
-            rest += chunk
-        self.buffer = rest[length:]
-        if close:
-            await self.stream.aclose()
-            self.stream = None
-        return status
+    return loadgen.build_requests(
+        host, port, path=PATH, body=body, secret=SECRET, count=count, prefix=prefix
+    )
 
 
 async def run_load(
@@ -272,57 +178,22 @@ async def run_load(
     warmup: int,
     connections: int,
     timeout: float,
-) -> Round:
+) -> loadgen.LoadResult:
     """Send ``warmup`` then ``requests`` requests over ``connections`` connections."""
     parsed = urllib.parse.urlsplit(url)
     assert parsed.hostname is not None and parsed.port is not None
     host, port = parsed.hostname, parsed.port
-
-    async def send_all(
-        batch: list[bytes], latencies: list[float], statuses: dict[int, int]
-    ) -> float:
-        pending: Iterator[bytes] = iter(batch)
-
-        async def worker() -> None:
-            connection = _Connection(host, port)
-            for request in pending:
-                started = time.perf_counter()
-                status = await connection.exchange(request, timeout)
-                latencies.append(time.perf_counter() - started)
-                statuses[status] = statuses.get(status, 0) + 1
-            if connection.stream is not None:
-                await connection.stream.aclose()
-
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(connections):
-                nursery.start_soon(worker)
-        return time.perf_counter() - started
-
-    all_requests = build_requests(
-        host, port, warmup + requests, f"{kind}-{os.getpid()}"
+    batch = build_requests(host, port, warmup + requests, f"{kind}-{os.getpid()}")
+    return await loadgen.run_load(
+        host,
+        port,
+        batch,
+        label=kind,
+        warmup=warmup,
+        server_pid=server_pid,
+        connections=connections,
+        timeout=timeout,
     )
-    await send_all(all_requests[:warmup], [], {})
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    cpu_before = process_cpu(server_pid)
-    seconds = await send_all(all_requests[warmup:], latencies, statuses)
-    cpu = process_cpu(server_pid) - cpu_before
-    return Round(kind, requests, seconds, latencies, statuses, cpu)
-
-
-def process_cpu(pid: int) -> float:
-    """Return the user plus system CPU seconds process ``pid`` has used.
-
-    Read from ``/proc/PID/stat`` (Linux), in clock ticks of 10 ms on most
-    kernels. This depends less than requests per second on what else the
-    machine runs, but still moves with it (shared caches, frequency).
-    """
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # Fields after the command name, which is in parentheses and may hold spaces.
-    fields = stat.rpartition(")")[2].split()
-    user_ticks, system_ticks = int(fields[11]), int(fields[12])
-    return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -356,18 +227,9 @@ def start_server(
     return process, url
 
 
-def stop_server(process: subprocess.Popen[str]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def measure(
     variant: Variant, args: argparse.Namespace, profile: Path | None = None
-) -> Round:
+) -> loadgen.LoadResult:
     process, url = start_server(variant, profile)
     try:
         return trio.run(
@@ -382,12 +244,12 @@ def measure(
             )
         )
     finally:
-        stop_server(process)
+        loadgen.stop_process(process, timeout=30)
 
 
-def report(result: Round) -> str:
+def report(result: loadgen.LoadResult) -> str:
     return (
-        f"{result.kind:>12}: {result.rps:8.1f} req/s"
+        f"{result.label:>12}: {result.rps:8.1f} req/s"
         f"  p50 {result.percentile(0.50) * 1000:6.1f} ms"
         f"  p99 {result.percentile(0.99) * 1000:6.1f} ms"
         f"  server CPU {result.cpu_per_request * 1e6:5.0f} us/req"
@@ -447,7 +309,9 @@ def main() -> None:
         f" {args.warmup} warm-up, {args.rounds} rounds,"
         f" Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
     )
-    results: dict[str, list[Round]] = {variant.label: [] for variant in VARIANTS}
+    results: dict[str, list[loadgen.LoadResult]] = {
+        variant.label: [] for variant in VARIANTS
+    }
     for round_index in range(args.rounds):
         # Each round starts with the next server, because the server that
         # runs right after another measured slower in trials on this machine.

@@ -23,21 +23,17 @@ bounded by the request count and by ``--timeout`` seconds per request.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+import loadgen
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,24 +50,6 @@ _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 30.0
 
 
-@dataclass
-class Run:
-    variant: str
-    requests: int
-    seconds: float
-    latencies: list[float]
-    statuses: dict[int, int]
-    server_cpu: float
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def _body() -> bytes:
     payloads = json.loads(FIXTURE.read_text())
     payload = next(p for p in payloads if p.get("action") == "opened")
@@ -81,102 +59,9 @@ def _body() -> bytes:
 
 def build_requests(host: str, port: int, count: int, prefix: str) -> list[bytes]:
     """Return ``count`` raw HTTP/1.1 requests, each with its own delivery id."""
-    body = _body()
-    digest = hmac.new(SECRET, body, hashlib.sha256).hexdigest()
-    requests = []
-    for index in range(count):
-        head = (
-            f"POST {PATH} HTTP/1.1\r\n"
-            f"Host: {host}:{port}\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "X-GitHub-Event: pull_request\r\n"
-            f"X-GitHub-Delivery: {prefix}-{index}\r\n"
-            f"X-Hub-Signature-256: sha256={digest}\r\n"
-            "User-Agent: GitHub-Hookshot/bench\r\n"
-            "\r\n"
-        )
-        requests.append(head.encode() + body)
-    return requests
-
-
-async def _read_response(
-    stream: trio.SocketStream, buffer: bytes
-) -> tuple[int, bool, bytes]:
-    """Read one response; return its status, whether it closes, and the rest."""
-    while b"\r\n\r\n" not in buffer:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise ConnectionError("the daemon closed the connection")
-        buffer += chunk
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    length = 0
-    close = False
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection":
-            close = value.strip().lower() == b"close"
-    while len(rest) < length:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise ConnectionError("the daemon closed the connection mid-response")
-        rest += chunk
-    return int(lines[0].split()[1]), close, rest[length:]
-
-
-async def send_batch(
-    host: str,
-    port: int,
-    batch: list[bytes],
-    *,
-    connections: int,
-    timeout: float,
-    latencies: list[float],
-    statuses: dict[int, int],
-) -> float:
-    """Send ``batch`` over ``connections`` connections; return the seconds taken.
-
-    hypercorn ends a keep-alive connection with ``Connection: close``
-    after ``keep_alive_max_requests`` (1000 by default), and the worker
-    then opens a new one.
-    """
-    pending: Iterator[bytes] = iter(batch)
-
-    async def worker() -> None:
-        stream: trio.SocketStream | None = None
-        buffer = b""
-        for request in pending:
-            started = time.perf_counter()
-            with trio.fail_after(timeout):
-                if stream is None:
-                    stream = await trio.open_tcp_stream(host, port)
-                    buffer = b""
-                await stream.send_all(request)
-                status, close, buffer = await _read_response(stream, buffer)
-            latencies.append(time.perf_counter() - started)
-            statuses[status] = statuses.get(status, 0) + 1
-            if close:
-                await stream.aclose()
-                stream = None
-        if stream is not None:
-            await stream.aclose()
-
-    started = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(connections):
-            nursery.start_soon(worker)
-    return time.perf_counter() - started
-
-
-def process_cpu(pid: int) -> float:
-    """Return the user plus system CPU seconds of process ``pid`` (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return loadgen.build_requests(
+        host, port, path=PATH, body=_body(), secret=SECRET, count=count, prefix=prefix
+    )
 
 
 def write_config(directory: Path, emulator: Emulator, *, journal: bool) -> Path:
@@ -281,17 +166,8 @@ async def _ready(url: str) -> bool:
         await stream.send_all(
             f"GET /readyz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
         )
-        status, _, _ = await _read_response(stream, b"")
+        status, _, _ = await loadgen.read_response(stream, b"")
     return status == 200
-
-
-def stop_daemon(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 async def measure(
@@ -301,7 +177,7 @@ async def measure(
     variant: str,
     round_number: int,
     arguments: argparse.Namespace,
-) -> Run:
+) -> loadgen.LoadResult:
     """Start a fresh daemon for ``variant``, load it, stop it, return the run."""
     journal = variant == "sqlite"
     workdir = directory / f"{variant}-{round_number}"
@@ -309,42 +185,29 @@ async def measure(
     process, url = await start_daemon(config, workdir / "stderr.log")
     try:
         host, port = url.removeprefix("http://").split(":")
-        requests = build_requests(
+        batch = build_requests(
             host,
             int(port),
             arguments.warmup + arguments.requests,
             f"{variant}-{round_number}",
         )
-        await send_batch(
+        return await loadgen.run_load(
             host,
             int(port),
-            requests[: arguments.warmup],
+            batch,
+            label=variant,
+            warmup=arguments.warmup,
+            server_pid=process.pid,
             connections=arguments.connections,
             timeout=arguments.timeout,
-            latencies=[],
-            statuses={},
         )
-        latencies: list[float] = []
-        statuses: dict[int, int] = {}
-        cpu_before = process_cpu(process.pid)
-        seconds = await send_batch(
-            host,
-            int(port),
-            requests[arguments.warmup :],
-            connections=arguments.connections,
-            timeout=arguments.timeout,
-            latencies=latencies,
-            statuses=statuses,
-        )
-        cpu = process_cpu(process.pid) - cpu_before
     finally:
-        stop_daemon(process)
-    return Run(variant, arguments.requests, seconds, latencies, statuses, cpu)
+        loadgen.stop_process(process, timeout=_STOP_TIMEOUT)
 
 
-def report(run: Run) -> str:
+def report(run: loadgen.LoadResult) -> str:
     return (
-        f"{run.variant:>7}: {run.rps:7.0f} req/s"
+        f"{run.label:>7}: {run.rps:7.0f} req/s"
         f"  p50 {run.percentile(0.50) * 1000:6.2f} ms"
         f"  p99 {run.percentile(0.99) * 1000:6.2f} ms"
         f"  daemon CPU {run.server_cpu / run.requests * 1e6:6.0f} us/req"
@@ -360,7 +223,7 @@ async def main(arguments: argparse.Namespace) -> None:
         (directory / "app-key.pem").chmod(0o600)
         emulator = Emulator(app_id=4242, public_key=key, repos_root=directory / "repos")
         emulator.add_installation(INSTALLATION_ID, account="octo-org")
-        runs: dict[str, list[Run]] = {"sqlite": [], "memory": []}
+        runs: dict[str, list[loadgen.LoadResult]] = {"sqlite": [], "memory": []}
         async with trio.open_nursery() as nursery:
             await nursery.start(emulator.serve)
             print(
