@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 
 import trio
@@ -538,8 +538,3 @@ def _only_os_error(error: BaseException) -> OSError | None:
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
     return error if isinstance(error, OSError) else None
-
-
-def environment_secrets(daemon: Daemon) -> Callable[[], Iterable[str]]:
-    """Return a callable for the log redaction filter."""
-    return daemon.secrets
