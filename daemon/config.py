@@ -177,6 +177,7 @@ class RunnerConfig:
     output_limit: int = 1024 * 1024
     git_timeout: float = 5 * MINUTES
     max_annotations: int = 1000
+    sandbox: Literal["none", "bwrap"] = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -980,6 +981,7 @@ _SECTIONS: dict[str, tuple[type, tuple[_Key, ...]]] = {
                 _bounded_int(0, 100_000),
                 "an integer from 0 to 100000",
             ),
+            _Key("sandbox", _choice("none", "bwrap"), '"none" or "bwrap"'),
         ),
     ),
     "journal": (

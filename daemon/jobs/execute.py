@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import trio
 from daemon.config import TOKEN_MARGIN, JobRule, RunnerConfig, Secret
 from daemon.errors import (
     CommitNotFound,
+    ConfigError,
     GhappdError,
     GitHubError,
     InstallationNotFound,
@@ -49,7 +51,7 @@ from daemon.journal import Journal, State
 from daemon.logs import MIN_SECRET_LENGTH
 from daemon.routing import JobSpec
 
-__all__ = ["MASK", "JobExecutor", "JobSettings"]
+__all__ = ["MASK", "JobExecutor", "JobSettings", "sandbox_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,19 @@ _TEXT_ROOM = MAX_OUTPUT_CHARS - len("```\n\n```")
 
 @dataclass(frozen=True, slots=True)
 class JobSettings:
-    """What a job needs of the configuration, read when the job starts."""
+    """What a job needs of the configuration, read when the job starts.
+
+    ``hidden_paths`` are folders that ``[runner] sandbox = "bwrap"`` hides
+    from the command, besides the ones the executor finds itself (the
+    workspace root, the journal's folder, the credentials directories and
+    /tmp): the configuration file's folder and the folders of the key and
+    secret files.
+    """
 
     api_url: str
     git_url: str
     runner: RunnerConfig
+    hidden_paths: tuple[Path, ...] = ()
 
 
 class JobExecutor:
@@ -236,6 +246,7 @@ class JobExecutor:
 
     async def _run(self, job: JobSpec, rule: JobRule, settings: JobSettings) -> None:
         runner = settings.runner
+        bwrap = _find_bwrap() if runner.sandbox == "bwrap" else None
         sha = job.sha or await self._resolve_sha(job)
         clone_token = await self.client.tokens.get(
             job.installation_id,
@@ -266,10 +277,15 @@ class JobExecutor:
             token=clone_token.secret,
             timeout=runner.git_timeout,
         ) as checkout:
-            await self._run_in(checkout, _with_sha(job, sha), settings)
+            await self._run_in(checkout, _with_sha(job, sha), settings, bwrap=bwrap)
 
     async def _run_in(
-        self, checkout: Path, job: JobSpec, settings: JobSettings
+        self,
+        checkout: Path,
+        job: JobSpec,
+        settings: JobSettings,
+        *,
+        bwrap: str | None,
     ) -> None:
         """Run the command in ``checkout``, revoke its token, report the result."""
         rule = job.rule
@@ -304,6 +320,13 @@ class JobExecutor:
                 token=command_token.secret if command_token else None,
             )
             env.update(secrets)
+            sandbox = None
+            if bwrap is not None:
+                sandbox = sandbox_argv(
+                    bwrap=bwrap,
+                    checkout=checkout,
+                    hidden=self._hidden_paths(settings),
+                )
             result = await run_command(
                 rule.command,
                 cwd=checkout,
@@ -312,6 +335,7 @@ class JobExecutor:
                 kill_grace=runner.kill_grace,
                 nice=runner.nice,
                 output_limit=runner.output_limit,
+                sandbox=sandbox,
             )
         finally:
             if command_token is not None:
@@ -347,6 +371,18 @@ class JobExecutor:
         )
         env.update(job.rule.env)
         return env
+
+    def _hidden_paths(self, settings: JobSettings) -> list[Path]:
+        """Return the folders a sandboxed command must not see."""
+        hidden = [Path("/tmp"), self.workspaces.root, *settings.hidden_paths]
+        journal_path = getattr(self.journal, "path", None)
+        if isinstance(journal_path, Path):
+            hidden.append(journal_path.absolute().parent)
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials:
+            hidden.append(Path(credentials))
+        hidden.append(Path("/run/credentials"))
+        return hidden
 
     async def _revoke(self, job: JobSpec, token: Token) -> None:
         """Revoke the command's token, even while the job is being cancelled.
@@ -545,6 +581,85 @@ class _Mask:
             key: self.text(value) if isinstance(value, str) else value
             for key, value in annotation.items()
         }
+
+
+def sandbox_argv(*, bwrap: str, checkout: Path, hidden: Iterable[Path]) -> list[str]:
+    """Return the bubblewrap argv prefix, up to ``--``, for a job in ``checkout``.
+
+    The command sees the host's file system read-only, a new /dev, and a
+    /proc of its own PID namespace, so other processes and their
+    environment are out of sight. Each existing folder in ``hidden`` is
+    covered by an empty tmpfs, parents before children. Then the job's
+    checkout and HOME are bound back read-write and its event file
+    read-only, at the same paths, and the command starts in the checkout.
+    The network and the environment are the daemon's.
+
+    When bwrap's first process in the namespace exits, the kernel kills
+    every process left in it, including those that called ``setsid``.
+    ``--die-with-parent`` ends the sandbox when bwrap's outer process is
+    killed, as the runner does to the command's process group.
+    ``--unshare-user`` is passed also when the daemon runs as root: root
+    inside keeps its rights only on files whose owner is mapped into the
+    namespace, which root's own files are.
+    """
+    home = job_home(checkout)
+    event_path = job_event_path(checkout)
+    argv = [
+        bwrap,
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-user",
+        "--unshare-pid",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+    ]
+    for folder in _hideable(hidden):
+        argv += ["--tmpfs", str(folder)]
+    for writable in (checkout, home):
+        argv += ["--bind", str(writable), str(writable)]
+    if event_path.exists():
+        argv += ["--ro-bind", str(event_path), str(event_path)]
+    argv += ["--chdir", str(checkout), "--"]
+    return argv
+
+
+def _hideable(paths: Iterable[Path]) -> list[Path]:
+    """Return the existing folders of ``paths`` that a tmpfs may cover.
+
+    A missing folder is skipped, because bwrap cannot create its mount
+    point in the read-only root. So is a folder right below /, other than
+    /tmp, because covering /etc, /usr or /home would break the command.
+    """
+    found: set[Path] = set()
+    for path in paths:
+        folder = Path(os.path.abspath(path))
+        if len(folder.parts) < 3 and folder != Path("/tmp"):
+            # NOTE: a file in such a folder (such as /etc/ghappd.toml)
+            # stays readable; only its folder's own tmpfs would hide it.
+            log.warning("sandbox leaves %s visible: a top-level folder", folder)
+            continue
+        if folder.is_dir():
+            found.add(folder)
+    return sorted(found, key=lambda folder: len(folder.parts))
+
+
+def _find_bwrap() -> str:
+    """Return bwrap's path in the commands' PATH; raise ConfigError if missing."""
+    bwrap = shutil.which("bwrap", path=_command_path())
+    if bwrap is None:
+        raise ConfigError(
+            [
+                '[runner] sandbox = "bwrap": bwrap not found in PATH'
+                f' {_command_path()!r}; set [runner] sandbox = "none" or'
+                " install bubblewrap"
+            ]
+        )
+    return os.path.abspath(bwrap)
 
 
 def _revealed(secret_env: Mapping[str, Secret]) -> dict[str, str]:

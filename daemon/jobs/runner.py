@@ -140,6 +140,10 @@ def _resolve_executable(name: str, *, cwd: Path, search_path: str) -> str | None
     return shutil.which(name, path=search_path)
 
 
+def _valid_prefix(sandbox: Sequence[str]) -> bool:
+    return len(sandbox) >= 2 and os.path.isabs(sandbox[0]) and sandbox[-1] == "--"
+
+
 def _signal_group(pgid: int, signum: int) -> None:
     # ESRCH: the group has no members left.
     with contextlib.suppress(ProcessLookupError):
@@ -192,6 +196,7 @@ async def run_command(
     kill_grace: float,
     nice: int,
     output_limit: int,
+    sandbox: Sequence[str] | None = None,
 ) -> CommandResult:
     """Run ``argv`` in ``cwd`` with exactly ``env`` and return its result.
 
@@ -203,6 +208,11 @@ async def run_command(
     ``setpriority`` after the spawn would miss children started before it.
     ``argv[0]`` is looked up in ``env["PATH"]``, or in ``cwd`` when it
     contains a slash.
+
+    ``sandbox``, when given, is an argv prefix that ends with ``--`` (such
+    as bubblewrap's options), put before the ``nice``-wrapped command. Its
+    first element must be an absolute path. The process group and the
+    signals below then apply to the sandbox's own process.
 
     After ``timeout`` seconds the group gets SIGTERM, then SIGKILL
     ``kill_grace`` seconds later, and the result has ``timed_out`` set.
@@ -219,6 +229,11 @@ async def run_command(
         raise ValueError("argv must name a command, got an empty sequence")
     if output_limit < 1:
         raise ValueError(f"output_limit must be at least 1 byte, got {output_limit!r}")
+    if sandbox is not None and not _valid_prefix(sandbox):
+        raise ValueError(
+            "sandbox must start with an absolute path and end with '--',"
+            f" got {list(sandbox)!r}"
+        )
 
     search_path = env.get("PATH", os.defpath)
     executable = _resolve_executable(argv[0], cwd=cwd, search_path=search_path)
@@ -237,6 +252,8 @@ async def run_command(
                 "install coreutils or set the job's nice value to 0"
             )
         command = [nice_executable, "-n", str(nice), "--", *command]
+    if sandbox is not None:
+        command = [*sandbox, *command]
 
     started = trio.current_time()
     try:
