@@ -9,6 +9,7 @@ and which processes it saw, and the tests read that from the check run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ from fixtures_daemon import Harness, StartDaemon, pull_request_payload
 from fixtures_emulator import ACCOUNT, INSTALLATION_ID
 
 import daemon.jobs.execute
-from daemon.jobs.execute import JobSettings, sandbox_argv
+from daemon.jobs.execute import JobSettings, config_folders, sandbox_argv
 from daemon.jobs.runner import run_command
 from daemon.sandbox import Emulator
 
@@ -155,18 +156,13 @@ async def test_sandbox_hides_daemon_files(
     )
     other.parent.mkdir(parents=True)
     other.write_text("another job's file\n")
-    # The supervisor names the key's folder in hidden_paths; the
-    # executor alone does not know it.
+    # The hidden_paths that the supervisor is to pass; its own settings
+    # leave them empty.
     settings = harness.daemon.executor.settings
+    folders = config_folders(harness.daemon.config)
 
     def with_key_folder() -> JobSettings:
-        current = settings()
-        return JobSettings(
-            api_url=current.api_url,
-            git_url=current.git_url,
-            runner=current.runner,
-            hidden_paths=(app_key_file.parent,),
-        )
+        return dataclasses.replace(settings(), hidden_paths=folders)
 
     harness.daemon.executor.settings = with_key_folder
 
@@ -179,6 +175,7 @@ async def test_sandbox_hides_daemon_files(
     assert f"hidden {config}" in lines
     assert f"hidden {other}" in lines
     assert f"readable {visible}" in lines
+    assert app_key_file.parent in folders
 
 
 async def test_sandbox_hides_credentials_directory(

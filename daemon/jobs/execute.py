@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from daemon.config import TOKEN_MARGIN, JobRule, RunnerConfig, Secret
+from daemon.config import TOKEN_MARGIN, Config, JobRule, RunnerConfig, Secret
 from daemon.errors import (
     CommitNotFound,
     ConfigError,
@@ -51,7 +51,7 @@ from daemon.journal import Journal, State
 from daemon.logs import MIN_SECRET_LENGTH
 from daemon.routing import JobSpec
 
-__all__ = ["MASK", "JobExecutor", "JobSettings", "sandbox_argv"]
+__all__ = ["MASK", "JobExecutor", "JobSettings", "config_folders", "sandbox_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,9 @@ class JobExecutor:
 
     def _hidden_paths(self, settings: JobSettings) -> list[Path]:
         """Return the folders a sandboxed command must not see."""
+        # NOTE: the supervisor's settings leave hidden_paths empty, so the
+        # configuration's folder and a key kept beside it stay visible
+        # until it passes config_folders(config).
         hidden = [Path("/tmp"), self.workspaces.root, *settings.hidden_paths]
         journal_path = getattr(self.journal, "path", None)
         if isinstance(journal_path, Path):
@@ -581,6 +584,20 @@ class _Mask:
             key: self.text(value) if isinstance(value, str) else value
             for key, value in annotation.items()
         }
+
+
+def config_folders(config: Config) -> tuple[Path, ...]:
+    """Return the folders of the configuration file and every secret file.
+
+    The value for :attr:`JobSettings.hidden_paths`, so a sandboxed command
+    sees neither the configuration nor a key kept beside it.
+    """
+    files = [config.path, config.app.private_key_file]
+    files += [Path(secret.source) for secret in config.app.webhook_secrets]
+    for rule in config.jobs:
+        files += [Path(secret.source) for secret in rule.secret_env.values()]
+    folders = dict.fromkeys(Path(os.path.abspath(file)).parent for file in files)
+    return tuple(folders)
 
 
 def sandbox_argv(*, bwrap: str, checkout: Path, hidden: Iterable[Path]) -> list[str]:
