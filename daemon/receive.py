@@ -24,7 +24,7 @@ from daemon.delivery import Delivery
 from daemon.errors import JournalError
 from daemon.github.app import AppAuth, load_private_key
 from daemon.github.client import GitHubClient
-from daemon.jobs.execute import JobExecutor, JobSettings
+from daemon.jobs.execute import JobExecutor, JobSettings, config_folders
 from daemon.jobs.workspace import WorkspaceRoot
 from daemon.journal import MemoryJournal
 from daemon.redeliver import redeliver_missed
@@ -79,6 +79,7 @@ async def receive(config: Config, delivery: Delivery) -> int:
                     api_url=config.app.api_url,
                     git_url=config.app.git_url,
                     runner=config.runner,
+                    hidden_paths=config_folders(config),
                 ),
             )
             for job in result.jobs:

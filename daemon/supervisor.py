@@ -37,7 +37,7 @@ from daemon.errors import ConfigError, GhappdError, JournalError
 from daemon.github.app import AppAuth, AppIdentity, load_private_key
 from daemon.github.client import GitHubClient
 from daemon.intake import Admission, IntakeSettings, Readiness, create_app, serve_intake
-from daemon.jobs.execute import JobExecutor, JobSettings
+from daemon.jobs.execute import JobExecutor, JobSettings, config_folders
 from daemon.jobs.workspace import WorkspaceRoot
 from daemon.journal import (
     Journal,
@@ -228,6 +228,7 @@ class Daemon:
             api_url=self.config.app.api_url,
             git_url=self.config.app.git_url,
             runner=self.config.runner,
+            hidden_paths=config_folders(self.config),
         )
 
     def _intake_settings(self) -> IntakeSettings:

@@ -9,7 +9,6 @@ and which processes it saw, and the tests read that from the check run.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
@@ -26,7 +25,7 @@ from fixtures_daemon import Harness, StartDaemon, pull_request_payload
 from fixtures_emulator import ACCOUNT, INSTALLATION_ID
 
 import daemon.jobs.execute
-from daemon.jobs.execute import JobSettings, config_folders, sandbox_argv
+from daemon.jobs.execute import config_folders, sandbox_argv
 from daemon.jobs.runner import run_command
 from daemon.sandbox import Emulator
 
@@ -156,15 +155,10 @@ async def test_sandbox_hides_daemon_files(
     )
     other.parent.mkdir(parents=True)
     other.write_text("another job's file\n")
-    # The hidden_paths that the supervisor is to pass; its own settings
-    # leave them empty.
-    settings = harness.daemon.executor.settings
-    folders = config_folders(harness.daemon.config)
-
-    def with_key_folder() -> JobSettings:
-        return dataclasses.replace(settings(), hidden_paths=folders)
-
-    harness.daemon.executor.settings = with_key_folder
+    # The supervisor hides the folders of the configuration's files.
+    hidden = harness.daemon.executor.settings().hidden_paths
+    assert app_key_file.parent in hidden
+    assert set(config_folders(harness.daemon.config)) <= set(hidden)
 
     run = await run_probe(harness, base)
 
@@ -175,7 +169,7 @@ async def test_sandbox_hides_daemon_files(
     assert f"hidden {config}" in lines
     assert f"hidden {other}" in lines
     assert f"readable {visible}" in lines
-    assert app_key_file.parent in folders
+    assert app_key_file.parent in hidden
 
 
 async def test_sandbox_hides_credentials_directory(

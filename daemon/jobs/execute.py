@@ -374,9 +374,7 @@ class JobExecutor:
 
     def _hidden_paths(self, settings: JobSettings) -> list[Path]:
         """Return the folders a sandboxed command must not see."""
-        # NOTE: the supervisor's settings leave hidden_paths empty, so the
-        # configuration's folder and a key kept beside it stay visible
-        # until it passes config_folders(config).
+        # The supervisor passes config_folders(config) as hidden_paths.
         hidden = [Path("/tmp"), self.workspaces.root, *settings.hidden_paths]
         journal_path = getattr(self.journal, "path", None)
         if isinstance(journal_path, Path):
