@@ -633,8 +633,15 @@ def sandbox_argv(*, bwrap: str, checkout: Path, hidden: Iterable[Path]) -> list[
         "--proc",
         "/proc",
     ]
-    for folder in _hideable(hidden):
+    folders = _hideable(hidden)
+    for folder in folders:
         argv += ["--tmpfs", str(folder)]
+    # ghappd's own Python and virtual environment, whose bin folder is on
+    # the commands' PATH, stay visible read-only even where a hidden folder
+    # (such as /tmp, in a checkout under /tmp) contains them.
+    for software in sorted({Path(sys.prefix), Path(sys.base_prefix)}):
+        if any(software.is_relative_to(folder) for folder in folders):
+            argv += ["--ro-bind", str(software), str(software)]
     for writable in (checkout, home):
         argv += ["--bind", str(writable), str(writable)]
     if event_path.exists():
