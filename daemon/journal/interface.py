@@ -190,14 +190,18 @@ class Journal(Protocol):
         """Finish the calls already submitted, then close the journal."""
         ...
 
-    async def __aenter__(self) -> Self: ...
+    async def __aenter__(self) -> Self:
+        """Open the journal; implementations that subclass this inherit it."""
+        await self.open()
+        return self
 
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc_value: BaseException | None,
         traceback: TracebackType | None,
-    ) -> None: ...
+    ) -> None:
+        await self.close()
 
     async def record(self, delivery: Delivery) -> RecordResult:
         """Record an accepted delivery, committed before this returns.

@@ -11,8 +11,6 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import trio
 
@@ -75,18 +73,6 @@ class MemoryJournal(Journal):
         self._is_open = False
         self._closed = True
         await trio.lowlevel.checkpoint()
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _enter(self) -> None:
         if self._closed:

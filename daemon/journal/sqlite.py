@@ -14,8 +14,6 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import trio
 
@@ -122,18 +120,6 @@ class SqliteJournal(Journal):
             _unlock(self._lock_fd)
             self._lock_fd = None
         log.info("journal %s closed", self._name)
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _started(self) -> GroupCommitWriter:
         if self._writer is None:
