@@ -13,7 +13,7 @@ Two measurements:
 
 - Latency: ``--runs`` deliveries, one at a time, each to an idle
   installation (its lane closed after the previous job). For each, the
-  time from the 202 answer to the timestamp the command printed: the
+  time from the 202 response to the timestamp the command printed: the
   journal update, the queued check run, the token, the in-progress check
   run, the depth-1 fetch and the command's start.
 - CPU: ``--batch`` deliveries posted at once, then

@@ -493,7 +493,11 @@ class _Loader:
                 secrets.append(secret)
         if None in (app_id, key, key_path, api_url, git_url) or not secrets:
             return None
-        assert app_id and key and key_path and api_url and git_url
+        assert app_id is not None
+        assert key is not None
+        assert key_path is not None
+        assert api_url is not None
+        assert git_url is not None
         return AppConfig(
             id=app_id,
             client_id=client_id,
@@ -717,7 +721,10 @@ class _Loader:
             )
         if len(self.errors) != errors_before:
             return None
-        assert name and on and command and timeout is not None
+        assert name is not None
+        assert on is not None
+        assert command is not None
+        assert timeout is not None
         return JobRule(
             name=name,
             on=on,

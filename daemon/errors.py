@@ -6,7 +6,7 @@ act on derives from :class:`GhappdError`::
     GhappdError
     ├── ConfigError            the TOML file or a file it names is invalid
     ├── KeyFormatError         the private key file is not a usable RSA key
-    ├── GitHubError            GitHub answered with an error (status_code)
+    ├── GitHubError            GitHub responded with an error (status_code)
     │   ├── RateLimited        a rate limit outlasted the configured wait
     │   └── TokenError         minting an installation token failed
     │       ├── InstallationNotFound
@@ -59,7 +59,7 @@ class KeyFormatError(GhappdError):
 
 
 class GitHubError(GhappdError):
-    """GitHub answered a request with an error status."""
+    """GitHub responded to a request with an error status."""
 
     def __init__(
         self,

@@ -314,7 +314,7 @@ class Dispatcher:
 
     ``plan`` turns a delivery into its jobs (the router with the current
     rules). :meth:`submit` is synchronous and never blocks, so the intake
-    can call it after the journal commit and answer at once.
+    can call it after the journal commit and respond at once.
     """
 
     def __init__(

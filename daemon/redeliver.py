@@ -61,7 +61,7 @@ async def find_missed(
 ) -> list[MissedDelivery]:
     """Return failed deliveries after ``since`` (Unix time) never recorded.
 
-    A guid with any successful attempt (a 2xx answer) is not missed, nor
+    A guid with any successful attempt (a 2xx response) is not missed, nor
     one the journal knows in any state. The result is oldest first.
     """
     attempts: dict[str, list[dict[str, Any]]] = {}

@@ -71,7 +71,7 @@ class JobSpec:
 class Route:
     """The routing decision for one delivery.
 
-    ``jobs`` is empty when nothing matched; ``reasons`` says why each rule
+    ``jobs`` is empty when nothing matched; ``reasons`` gives why each rule
     that named the event was not applied. ``installation_id`` is ``None``
     for App-level events, which never reach a lane.
     """
@@ -216,9 +216,9 @@ def _target(delivery: Delivery) -> _Target | None:
         issue_number = pull_number
         sha = _str(_dict(pull.get("head")).get("sha"))
         draft = pull.get("draft") is True
-        # A fork's head repository differs from the base; GitHub sends
+        # A fork's head repository differs from the base, and GitHub sends
         # head.repo as null when the fork was deleted.
-        # NOTE: only pull_request payloads say where the head comes from;
+        # NOTE: only pull_request payloads name the head's repository, so
         # an issue_comment on a fork's pull request counts as not a fork.
         head_repo = _str(_dict(_dict(pull.get("head")).get("repo")).get("full_name"))
         from_fork = head_repo is None or head_repo.lower() != full_name.lower()

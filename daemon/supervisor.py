@@ -5,7 +5,7 @@ The task tree of a running daemon::
     supervisor (root nursery)
     ├── intake          hypercorn serving the webhook app
     ├── token refresher renews tokens of installations with work
-    ├── dispatcher      holds the lanes nursery, one child per installation
+    ├── dispatcher      contains the lanes nursery, one child per installation
     ├── watchdog        sd_notify WATCHDOG=1 while the loop is healthy
     ├── startup         credentials check, journal recovery, missed deliveries
     ├── housekeeping    journal pruning and the sd_notify status line
@@ -66,7 +66,7 @@ _REDELIVER_SLACK = 1 * MINUTES
 
 
 def open_journal(config: Config) -> Journal:
-    """Return the journal the configuration asks for (not opened yet)."""
+    """Return the journal the configuration selects (not opened yet)."""
     if config.journal.enabled:
         return SqliteJournal(path=config.journal.path, max_size=config.journal.max_size)
     return MemoryJournal(max_size=config.journal.max_size)
@@ -105,7 +105,7 @@ class _Sink:
             queued = daemon.dispatcher.statistics().queued_deliveries
             if queued >= daemon.config.queue.intake_capacity:
                 log.warning(
-                    "delivery %s refused: %d deliveries queued in memory",
+                    "delivery %s rejected: %d deliveries queued in memory",
                     delivery.id,
                     queued,
                 )
@@ -122,7 +122,7 @@ class _Sink:
                 if result.accepted:
                     accepted = (result.seq, delivery)
             except JournalError as exc:
-                # The intake answers 503 "delivery not recorded". GitHub does
+                # The intake responds 503 "delivery not recorded". GitHub does
                 # not send it again by itself, so once the journal works
                 # again the failed deliveries are asked for again.
                 log.error("delivery %s not recorded: %s", delivery.id, exc)

@@ -196,8 +196,8 @@ BAD_FILES = [
     ),
     (
         APP + "[github]\nmax_rate_limit_wait = nan\n",
-        'config.toml: [github] max_rate_limit_wait must be a duration in seconds'
-        " or a string like \"15m\", got nan",
+        "config.toml: [github] max_rate_limit_wait must be a duration in seconds"
+        ' or a string like "15m", got nan',
     ),
     (
         APP + '[workspaces]\nroot = "a\\u0000b"\n',

@@ -52,7 +52,7 @@ async def test_failed_record_answers_503_then_redelivers(
     accepted = await harness.post("push", payload, delivery_id="next-1")
     assert accepted.status_code == 202
 
-    # The emulator lists the redelivery once the daemon has answered it.
+    # The emulator lists the redelivery once the daemon has responded to it.
     await harness.wait_until(
         lambda: any(item["redelivery"] for item in emulator.deliveries),
         what="redelivery",

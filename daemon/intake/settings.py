@@ -22,7 +22,7 @@ class IntakeSettings:
     response takes longer than 10 seconds (docs.github.com, "Handling
     failed webhook deliveries"). ``max_concurrent_deliveries`` is the
     number of webhook POSTs handled at once, body reading included. The app
-    answers a POST beyond it 503 before reading its body. The ``repr`` shows
+    responds 503 to a POST beyond it before reading its body. The ``repr`` shows
     how many secrets there are, never their value. Raise ValueError for a
     value that cannot work.
     """

@@ -3,7 +3,7 @@
 :class:`JobExecutor` is the executor the lanes call. Every failure a
 repository owner can act on (the App lost access, the commit is gone, the
 clone failed, the command failed or timed out) ends in a completed check
-run or comment that says so; only cancellation propagates.
+run or comment that states it; only cancellation propagates.
 """
 
 from __future__ import annotations
@@ -425,7 +425,7 @@ class JobExecutor:
             sha = _dig(commit, "sha")
         if not isinstance(sha, str):
             raise GitHubError(
-                f"GitHub's answer to GET {path} names no commit",
+                f"GitHub's response to GET {path} names no commit",
                 installation_id=job.installation_id,
                 method="GET",
                 path=path,

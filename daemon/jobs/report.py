@@ -172,7 +172,7 @@ class Reporter:
         run_id = created.get("id") if isinstance(created, dict) else None
         if not isinstance(run_id, int):
             raise GitHubError(
-                f"GitHub's answer to POST {path} has no check run id",
+                f"GitHub's response to POST {path} has no check run id",
                 installation_id=job.installation_id,
                 method="POST",
                 path=path,
@@ -195,7 +195,7 @@ class Reporter:
         The completion carries no annotations, so it can be retried safely.
         Annotations follow, 50 per request, in updates that GitHub appends
         to the check run and that are not retried, because a retry after a
-        lost answer would add a batch twice. Afterwards the report's id is
+        lost response would add a batch twice. Afterwards the report's id is
         dropped from memory; the journal keeps it for a rerun.
         """
         try:
@@ -307,7 +307,7 @@ class Reporter:
             comment_id = created.get("id") if isinstance(created, dict) else None
             if not isinstance(comment_id, int):
                 raise GitHubError(
-                    f"GitHub's answer to POST {path} has no comment id",
+                    f"GitHub's response to POST {path} has no comment id",
                     installation_id=job.installation_id,
                     method="POST",
                     path=path,
